@@ -1,0 +1,18 @@
+"""vpeft_kernels: functional ops for parameter-efficient video adaptation.
+
+Public ops (same signature whatever the backend):
+:func:`st_adapter`, :func:`msta_adapter`, :func:`token_shift_attention`,
+:func:`ladder_projection`. Choose a backend per call with ``backend=`` or globally
+with ``VPEFT_BACKEND=auto|triton|extension|eager``; :func:`backend_status` says which
+backends are available and why not.
+"""
+from ._backend import (BACKENDS, BackendUnavailableError, backend_status, chosen_backend,
+                       not_supported_reasons)
+from .api import ladder_projection, msta_adapter, st_adapter, token_shift_attention
+from . import reference
+
+__all__ = [
+    "st_adapter", "msta_adapter", "token_shift_attention", "ladder_projection",
+    "reference", "BACKENDS", "BackendUnavailableError", "backend_status", "chosen_backend",
+    "not_supported_reasons",
+]
