@@ -42,7 +42,7 @@ class BackendUnavailableError(RuntimeError):
 class _Impl:
     fn: Callable
     reasons: Optional[ReasonFn]
-    auto: bool  # may ``auto`` pick it? (the Triton interpreter on CPU is opt-in only)
+    auto_reasons: Optional[ReasonFn]  # extra reasons that apply only to ``auto``
 
 
 _REGISTRY: Dict[str, Dict[str, _Impl]] = {op: {} for op in OPS}
@@ -50,17 +50,19 @@ _UNAVAILABLE: Dict[str, str] = {}
 
 
 def register(op: str, backend: str, fn: Callable, reasons: Optional[ReasonFn] = None,
-             *, auto: bool = True) -> None:
+             *, auto_reasons: Optional[ReasonFn] = None) -> None:
     """Register ``fn`` as the ``backend`` implementation of ``op``.
 
     ``reasons(*args, **kwargs)`` returns a list of human-readable reasons why this
     implementation cannot take the given inputs (empty list: it can).
+    ``auto_reasons(*args, **kwargs)`` adds reasons that only keep ``auto`` from
+    picking it (e.g. the Triton interpreter on CPU tensors runs only when asked for).
     """
     if op not in _REGISTRY:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    _REGISTRY[op][backend] = _Impl(fn, reasons, auto)
+    _REGISTRY[op][backend] = _Impl(fn, reasons, auto_reasons)
 
 
 def mark_unavailable(backend: str, reason: str) -> None:
@@ -110,8 +112,8 @@ def select(op: str, backend: Optional[str], *args, **kwargs) -> Callable:
     for b in PRIORITY:
         impl = _REGISTRY[op].get(b)
         why = _reasons(op, b, args, kwargs)
-        if impl is not None and not impl.auto and not why:
-            why = ["only used when asked for by name"]
+        if impl is not None and not why and impl.auto_reasons is not None:
+            why = list(impl.auto_reasons(*args, **kwargs))
         if not why:
             return impl.fn
         tried.append(f"{b}: " + "; ".join(why))

@@ -1,0 +1,34 @@
+# Two commands set up and run everything on a fresh machine:
+#   make demo   - create .venv, install vpeft, run the built-in demo
+#   make test   - create .venv, install vpeft with dev extras, run the test suite
+# PYTHON picks the interpreter used to create the virtual environment.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test bench clean
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+
+# torch first: the compiled extension builds against the installed torch, so the
+# package itself is installed without build isolation (which would fetch torch again).
+$(VENV)/.installed: $(BIN)/activate pyproject.toml setup.py
+	$(BIN)/pip install torch torchvision setuptools wheel
+	$(BIN)/pip install --no-build-isolation -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/vpeft demo
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+bench: install
+	$(BIN)/python -m pytest benchmarks/ --benchmark-only -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info
