@@ -47,6 +47,7 @@ class _Impl:
 
 _REGISTRY: Dict[str, Dict[str, _Impl]] = {op: {} for op in OPS}
 _UNAVAILABLE: Dict[str, str] = {}
+_NOTES: Dict[str, str] = {}
 
 
 def register(op: str, backend: str, fn: Callable, reasons: Optional[ReasonFn] = None,
@@ -68,6 +69,12 @@ def register(op: str, backend: str, fn: Callable, reasons: Optional[ReasonFn] = 
 def mark_unavailable(backend: str, reason: str) -> None:
     """Record why a whole backend could not be loaded (shown in every error)."""
     _UNAVAILABLE[backend] = reason
+
+
+def set_note(backend: str, note: str) -> None:
+    """Attach a one-line note to an available backend (e.g. the versions it was built
+    for), shown by :func:`backend_status`."""
+    _NOTES[backend] = note
 
 
 def requested_backend(backend: Optional[str] = None) -> str:
@@ -136,6 +143,8 @@ def backend_status() -> Dict[str, str]:
         ops = [op for op in OPS if b in _REGISTRY[op]]
         if ops:
             out[b] = "available for " + ", ".join(ops)
+            if b in _NOTES:
+                out[b] += " (" + _NOTES[b] + ")"
         else:
             out[b] = "unavailable: " + _UNAVAILABLE.get(b, "no implementation included in this build")
     return out

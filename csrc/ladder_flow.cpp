@@ -1,0 +1,167 @@
+// Host flow of the ladder projection, shared by the CPU and the CUDA builds: argument
+// checks, the batched GEMMs over levels (ATen bmm/baddbmm, i.e. MKL/oneDNN on CPU and
+// cuBLAS strided batched GEMM on CUDA, with the bias as the GEMM's C operand), and
+// calls into the device's LayerNorm primitives (see ladder.h).
+//
+// Memory: the forward saves nothing itself; the autograd wrapper keeps the inputs and
+// the (L, M) statistics. Normalised rows are recomputed in the backward into one
+// transient (L, M, D) buffer (pre norm) that is reused for the input gradient.
+#include "ladder.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/ops/baddbmm.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/sum.h>
+#include <c10/util/Exception.h>
+
+namespace vpeft {
+namespace {
+
+struct Dims {
+  int64_t L, M, D, d;
+};
+
+Dims check_args(at::TensorList z, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
+                const at::Tensor& w_proj, const at::Tensor& b_proj, bool post) {
+  TORCH_CHECK(!z.empty(), "ladder_projection: z is an empty list, expected L >= 1 levels");
+  const at::Tensor& z0 = z[0];
+  TORCH_CHECK(z0.dim() == 2, "ladder_projection: z[0] must be 2-D (M, D), got ", z0.sizes());
+  Dims s{static_cast<int64_t>(z.size()), z0.size(0), z0.size(1), 0};
+  auto st = z0.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              "ladder_projection: unsupported dtype ", st);
+  for (int64_t l = 0; l < s.L; ++l) {
+    const at::Tensor& t = z[l];
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == s.M && t.size(1) == s.D, "ladder_projection: z[", l,
+                "] has shape ", t.sizes(), ", expected (", s.M, ", ", s.D, ")");
+    TORCH_CHECK(t.scalar_type() == st && t.device() == z0.device(), "ladder_projection: z[", l,
+                "] has dtype/device ", t.scalar_type(), "/", t.device(), ", expected ", st, "/",
+                z0.device());
+    TORCH_CHECK(t.is_contiguous(), "ladder_projection: z[", l, "] must be contiguous");
+  }
+  TORCH_CHECK(w_proj.dim() == 3 && w_proj.size(0) == s.L && w_proj.size(2) == s.D,
+              "ladder_projection: w_proj has shape ", w_proj.sizes(), ", expected (", s.L,
+              ", d, ", s.D, ")");
+  s.d = w_proj.size(1);
+  const int64_t n_ln = post ? s.d : s.D;
+  TORCH_CHECK(b_proj.dim() == 2 && b_proj.size(0) == s.L && b_proj.size(1) == s.d,
+              "ladder_projection: b_proj has shape ", b_proj.sizes(), ", expected (", s.L, ", ",
+              s.d, ")");
+  for (const at::Tensor* p : {&ln_weight, &ln_bias}) {
+    TORCH_CHECK(p->dim() == 2 && p->size(0) == s.L && p->size(1) == n_ln,
+                "ladder_projection: LayerNorm parameter has shape ", p->sizes(), ", expected (",
+                s.L, ", ", n_ln, ")");
+  }
+  for (const at::Tensor* p : {&ln_weight, &ln_bias, &w_proj, &b_proj}) {
+    TORCH_CHECK(p->scalar_type() == st && p->device() == z0.device(),
+                "ladder_projection: parameters must have the dtype and device of z (", st, "/",
+                z0.device(), "), got ", p->scalar_type(), "/", p->device());
+    TORCH_CHECK(p->is_contiguous(), "ladder_projection: parameters must be contiguous");
+  }
+  return s;
+}
+
+// (L, M, D) view of the level tensors when they already lie one after another in one
+// storage (e.g. the unbind of a stacked tensor); otherwise a stacked copy.
+at::Tensor stacked(at::TensorList z, const Dims& s) {
+  if (s.L == 1) return z[0].unsqueeze(0);
+  const int64_t step = s.M * s.D;
+  bool uniform = true;
+  const auto* base = static_cast<const char*>(z[0].const_data_ptr());
+  const int64_t item = z[0].element_size();
+  for (int64_t l = 1; l < s.L && uniform; ++l) {
+    uniform = z[l].storage().is_alias_of(z[0].storage()) &&
+              static_cast<const char*>(z[l].const_data_ptr()) == base + l * step * item;
+  }
+  if (uniform) return z[0].as_strided({s.L, s.M, s.D}, {step, s.D, 1}, z[0].storage_offset());
+  return at::stack(z, 0);
+}
+
+std::vector<at::Tensor> as_vector(at::TensorList z) { return std::vector<at::Tensor>(z.begin(), z.end()); }
+
+at::ScalarType stats_type(at::ScalarType st) {
+  return st == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_stats(const at::Tensor& mean, const at::Tensor& rstd, const Dims& s, at::ScalarType st) {
+  for (const at::Tensor* p : {&mean, &rstd}) {
+    TORCH_CHECK(p->dim() == 2 && p->size(0) == s.L && p->size(1) == s.M && p->is_contiguous() &&
+                    p->scalar_type() == stats_type(st),
+                "ladder_projection backward: statistics must be contiguous (L, M) ",
+                stats_type(st), ", got ", p->sizes(), " ", p->scalar_type());
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ladder_forward(
+    const LadderPrims& prims, at::TensorList z, const at::Tensor& ln_weight,
+    const at::Tensor& ln_bias, const at::Tensor& w_proj, const at::Tensor& b_proj, bool post,
+    double eps) {
+  const Dims s = check_args(z, ln_weight, ln_bias, w_proj, b_proj, post);
+  auto opts = z[0].options();
+  auto sopts = opts.dtype(stats_type(z[0].scalar_type()));
+  at::Tensor mean = at::empty({s.L, s.M}, sopts);
+  at::Tensor rstd = at::empty({s.L, s.M}, sopts);
+  const at::Tensor bias = b_proj.unsqueeze(1);   // (L, 1, d): the GEMM's C operand
+  const at::Tensor wt = w_proj.transpose(1, 2);  // (L, D, d)
+  if (!post) {
+    at::Tensor xn = at::empty({s.L, s.M, s.D}, opts);  // transient, freed on return
+    prims.rows_forward(as_vector(z), ln_weight, ln_bias, mean, rstd, xn, eps, true);
+    at::Tensor out = at::baddbmm(bias, xn, wt);
+    return {out, mean, rstd};
+  }
+  at::Tensor y = at::baddbmm(bias, stacked(z, s), wt);  // (L, M, d)
+  prims.rows_forward(y.unbind(0), ln_weight, ln_bias, mean, rstd, y, eps, true);
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ladder_backward(
+    const LadderPrims& prims, const at::Tensor& grad_out, at::TensorList z,
+    const at::Tensor& ln_weight, const at::Tensor& ln_bias, const at::Tensor& w_proj,
+    const at::Tensor& b_proj, const at::Tensor& mean, const at::Tensor& rstd, bool post,
+    double eps, bool input_grad) {
+  const Dims s = check_args(z, ln_weight, ln_bias, w_proj, b_proj, post);
+  const auto st = z[0].scalar_type();
+  check_stats(mean, rstd, s, st);
+  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == s.L && grad_out.size(1) == s.M &&
+                  grad_out.size(2) == s.d,
+              "ladder_projection backward: grad_out has shape ", grad_out.sizes(),
+              ", expected (", s.L, ", ", s.M, ", ", s.d, ")");
+  const at::Tensor g = grad_out.to(st).contiguous();
+  auto opts = z[0].options();
+  auto sopts = opts.dtype(stats_type(st));
+  const int64_t n_ln = post ? s.d : s.D;
+  at::Tensor dgamma = at::empty({s.L, n_ln}, sopts);
+  at::Tensor dbeta = at::empty({s.L, n_ln}, sopts);
+  at::Tensor grad_z, grad_w, grad_b;
+
+  if (!post) {
+    // Recompute the normalised rows (affine included) from z and the saved statistics.
+    at::Tensor buf = at::empty({s.L, s.M, s.D}, opts);
+    prims.rows_forward(as_vector(z), ln_weight, ln_bias, mean, rstd, buf, eps, false);
+    grad_w = at::bmm(g.transpose(1, 2), buf);                 // (L, d, D)
+    grad_b = at::sum(g, {1}, false, stats_type(st)).to(st);   // (L, d)
+    at::bmm_out(buf, g, w_proj);                              // buf := dLN_out (L, M, D)
+    prims.cols_backward(buf, as_vector(z), mean, rstd, dgamma, dbeta);
+    if (input_grad) {
+      prims.rows_backward(buf, as_vector(z), ln_weight, mean, rstd, buf);  // in place
+      grad_z = buf;
+    }
+  } else {
+    const at::Tensor zs = stacked(z, s);
+    at::Tensor y = at::baddbmm(b_proj.unsqueeze(1), zs, w_proj.transpose(1, 2));  // recomputed
+    const std::vector<at::Tensor> yl = y.unbind(0);
+    prims.cols_backward(g, yl, mean, rstd, dgamma, dbeta);
+    prims.rows_backward(g, yl, ln_weight, mean, rstd, y);  // y := dy, in place
+    grad_b = at::sum(y, {1}, false, stats_type(st)).to(st);
+    grad_w = at::bmm(y.transpose(1, 2), zs);
+    if (input_grad) grad_z = at::bmm(y, w_proj);
+  }
+  if (!grad_z.defined()) grad_z = at::empty({0}, opts);
+  return {grad_z, dgamma.to(st), dbeta.to(st), grad_w, grad_b};
+}
+
+}  // namespace vpeft
