@@ -22,6 +22,7 @@ Parallel compile jobs follow ``MAX_JOBS`` (torch's convention).
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -58,11 +59,37 @@ def _nvcc_version(cuda_home):
     return None
 
 
+def _locate_cuda_home():
+    """torch guesses the toolkit as dirname(dirname(which nvcc)); with nvcc symlinked or
+    wrapped into /usr/local/bin that is /usr/local, which has no CUDA headers. Ask nvcc
+    where it lives (its --dryrun prints TOP=<toolkit>/bin/..), unless CUDA_HOME or
+    CUDA_PATH is set."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if not nvcc:
+        return
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True,
+                             text=True, timeout=60)
+        for line in (out.stdout + out.stderr).splitlines():
+            if line.startswith("#$ TOP="):
+                candidates.insert(0, os.path.normpath(line.split("=", 1)[1].strip()))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
 def _extensions():
     """(ext_modules, cmdclass) for this machine, or ([], {}) when nothing is built."""
     if _env_switch("VPEFT_BUILD_EXTENSION") is False:
         _say("VPEFT_BUILD_EXTENSION=0: building no compiled extension")
         return [], {}
+    _locate_cuda_home()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension

@@ -86,7 +86,7 @@ def _register_ops() -> None:
         grad_z, g_lw, g_lb, g_w, g_b = torch.ops.vpeft_ext.ladder_backward(
             grad_out, z, ln_weight, ln_bias, w_proj, b_proj, mean, rstd, ctx.post, ctx.eps,
             ctx.input_grad)
-        grad_list = list(grad_z.unbind(0)) if ctx.input_grad else None
+        grad_list = list(grad_z.unbind(0)) if ctx.input_grad else [None] * ctx.levels
         return grad_list, g_lw, g_lb, g_w, g_b, None, None
 
     torch.library.register_autograd("vpeft_ext::ladder_forward", _backward, setup_context=_setup_context)
