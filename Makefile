@@ -1,12 +1,13 @@
 # Two commands set up and run everything on a fresh machine:
 #   make demo   - create .venv, install vpeft, run the built-in demo
 #   make test   - create .venv, install vpeft with dev extras, run the test suite
+#   make check-cuda - compile and load the CUDA kernels with this machine's nvcc (no GPU)
 # PYTHON picks the interpreter used to create the virtual environment.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench check-cuda clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +15,9 @@ $(BIN)/activate:
 
 # torch first: the compiled extension builds against the installed torch, so the
 # package itself is installed without build isolation (which would fetch torch again).
-$(VENV)/.installed: $(BIN)/activate pyproject.toml setup.py
+# The CPU extension is built here; the CUDA one only where a GPU is visible or
+# TORCH_CUDA_ARCH_LIST / VPEFT_BUILD_CUDA=1 ask for it (see setup.py).
+$(VENV)/.installed: $(BIN)/activate pyproject.toml setup.py $(wildcard csrc/*)
 	$(BIN)/pip install torch torchvision setuptools wheel
 	$(BIN)/pip install --no-build-isolation -e ".[dev]"
 	touch $@
@@ -26,6 +29,9 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+check-cuda: install
+	PYTHON=$(BIN)/python scripts/check_cuda_compile.sh
 
 bench: install
 	$(BIN)/python -m pytest benchmarks/ --benchmark-only -q

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Compile and link the CUDA kernels of the ladder extension (csrc/*.cu) with this
+# machine's nvcc for one GPU architecture, then load the library, so that a CUDA source
+# error (or an undefined symbol) fails CI on a machine without a GPU. Nothing is
+# installed: the build goes to a temporary directory.
+#
+#   PYTHON=.venv/bin/python scripts/check_cuda_compile.sh
+#
+# PYTHON: interpreter with torch and an installed vpeft (default: python).
+# VPEFT_CHECK_ARCH: TORCH_CUDA_ARCH_LIST for the check (default 9.0, H100).
+# No nvcc: skipped with a message, or a failure when VPEFT_REQUIRE_CUDA_CHECK=1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python}"
+
+if [ -z "${CUDA_HOME:-}" ] && ! command -v nvcc >/dev/null 2>&1; then
+    if [ "${VPEFT_REQUIRE_CUDA_CHECK:-0}" = "1" ]; then
+        echo "check_cuda_compile: no nvcc and no CUDA_HOME, but VPEFT_REQUIRE_CUDA_CHECK=1" >&2
+        exit 1
+    fi
+    echo "check_cuda_compile: no nvcc on this machine; CUDA sources not checked"
+    exit 0
+fi
+
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+start=$(date +%s)
+VPEFT_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="${VPEFT_CHECK_ARCH:-9.0}" MAX_JOBS="${MAX_JOBS:-2}" \
+    "$PY" setup.py build_ext --build-temp "$tmp/temp" --build-lib "$tmp/lib" >"$tmp/build.log" 2>&1 || {
+    grep -E "error|FAILED" "$tmp/build.log" | head -40 >&2 || true
+    echo "check_cuda_compile: CUDA build FAILED (full log above the error lines was in $tmp/build.log)" >&2
+    tail -40 "$tmp/build.log" >&2
+    exit 1
+}
+# Load the CUDA library beside the installed CPU one (which defines the op schemas).
+"$PY" - "$tmp/lib/vpeft_kernels" <<'PYEOF'
+import glob, importlib.util, json, sys
+import vpeft_kernels, torch  # noqa: F401  (loads vpeft_kernels._C: the schemas)
+if not vpeft_kernels.extension_status()["available"]:
+    sys.exit("check_cuda_compile: the installed CPU extension is not loaded: "
+             + vpeft_kernels.extension_status()["summary"])
+path, = glob.glob(sys.argv[1] + "/_C_cuda*.so")
+spec = importlib.util.spec_from_file_location("vpeft_kernels._C_cuda", path)
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+info = json.loads(mod.build_info())
+assert info["cuda_kernels"], info
+assert torch._C._dispatch_has_kernel_for_dispatch_key("vpeft_ext::ladder_forward", "CUDA")
+assert torch._C._dispatch_has_kernel_for_dispatch_key("vpeft_ext::ladder_backward", "CUDA")
+print(f"check_cuda_compile: CUDA kernels compile, link and load (nvcc {info['nvcc']}, "
+      f"arch {info['arch_list']}, torch {info['torch']}, CUDA headers {mod.cudart_version()})")
+PYEOF
+echo "check_cuda_compile: done in $(( $(date +%s) - start )) s"
