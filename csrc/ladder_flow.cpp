@@ -1,7 +1,10 @@
 // Host flow of the ladder projection, shared by the CPU and the CUDA builds: argument
-// checks, the batched GEMMs over levels (ATen bmm/baddbmm, i.e. MKL/oneDNN on CPU and
-// cuBLAS strided batched GEMM on CUDA, with the bias as the GEMM's C operand), and
-// calls into the device's LayerNorm primitives (see ladder.h).
+// checks, the GEMMs (ATen bmm/baddbmm/addmm: MKL/oneDNN on CPU, cuBLAS on CUDA, with
+// the bias as the GEMM's C operand), and calls into the device's LayerNorm primitives
+// (see ladder.h). Pre norm: the LayerNorm kernel writes the normalised rows of all
+// levels into one (L, M, D) block, so the projection is one strided batched GEMM.
+// Post norm: the GEMM reads z itself: one batched GEMM when the levels are one strided
+// block (a stacked z), else one GEMM per level on the caller's tensors, never a copy.
 //
 // Memory: the forward saves nothing itself; the autograd wrapper keeps the inputs and
 // the (L, M) statistics. Normalised rows are recomputed in the backward into one
@@ -9,10 +12,11 @@
 #include "ladder.h"
 
 #include <ATen/OpMathType.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/baddbmm.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/stack.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 #include <c10/util/Exception.h>
 
@@ -64,19 +68,34 @@ Dims check_args(at::TensorList z, const at::Tensor& ln_weight, const at::Tensor&
 }
 
 // (L, M, D) view of the level tensors when they already lie one after another in one
-// storage (e.g. the unbind of a stacked tensor); otherwise a stacked copy.
-at::Tensor stacked(at::TensorList z, const Dims& s) {
+// storage (e.g. the unbind of a stacked tensor), else an undefined tensor: the caller
+// then runs one GEMM per level on the tensors in place rather than copying them into a
+// stack (for ViT-E that copy would be a transient of several GB).
+at::Tensor stacked_view(at::TensorList z, const Dims& s) {
   if (s.L == 1) return z[0].unsqueeze(0);
   const int64_t step = s.M * s.D;
-  bool uniform = true;
   const auto* base = static_cast<const char*>(z[0].const_data_ptr());
   const int64_t item = z[0].element_size();
-  for (int64_t l = 1; l < s.L && uniform; ++l) {
-    uniform = z[l].storage().is_alias_of(z[0].storage()) &&
-              static_cast<const char*>(z[l].const_data_ptr()) == base + l * step * item;
+  for (int64_t l = 1; l < s.L; ++l) {
+    if (!z[l].storage().is_alias_of(z[0].storage()) ||
+        static_cast<const char*>(z[l].const_data_ptr()) != base + l * step * item) {
+      return at::Tensor();
+    }
   }
-  if (uniform) return z[0].as_strided({s.L, s.M, s.D}, {step, s.D, 1}, z[0].storage_offset());
-  return at::stack(z, 0);
+  return z[0].as_strided({s.L, s.M, s.D}, {step, s.D, 1}, z[0].storage_offset());
+}
+
+// y (L, M, d) = z[l] @ W[l]^T + b[l]: one batched GEMM over levels when z is one
+// strided block, else one GEMM per level.
+at::Tensor project(at::TensorList z, const at::Tensor& zs, const at::Tensor& w_proj,
+                   const at::Tensor& b_proj, const Dims& s) {
+  if (zs.defined()) return at::baddbmm(b_proj.unsqueeze(1), zs, w_proj.transpose(1, 2));
+  at::Tensor y = at::empty({s.L, s.M, s.d}, z[0].options());
+  for (int64_t l = 0; l < s.L; ++l) {
+    at::Tensor yl = y.select(0, l);
+    at::addmm_out(yl, b_proj.select(0, l), z[l], w_proj.select(0, l).t());
+  }
+  return y;
 }
 
 std::vector<at::Tensor> as_vector(at::TensorList z) { return std::vector<at::Tensor>(z.begin(), z.end()); }
@@ -105,15 +124,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ladder_forward(
   auto sopts = opts.dtype(stats_type(z[0].scalar_type()));
   at::Tensor mean = at::empty({s.L, s.M}, sopts);
   at::Tensor rstd = at::empty({s.L, s.M}, sopts);
-  const at::Tensor bias = b_proj.unsqueeze(1);   // (L, 1, d): the GEMM's C operand
-  const at::Tensor wt = w_proj.transpose(1, 2);  // (L, D, d)
   if (!post) {
     at::Tensor xn = at::empty({s.L, s.M, s.D}, opts);  // transient, freed on return
     prims.rows_forward(as_vector(z), ln_weight, ln_bias, mean, rstd, xn, eps, true);
-    at::Tensor out = at::baddbmm(bias, xn, wt);
+    // Bias as the GEMM's C operand (beta = 1), one batched GEMM over levels.
+    at::Tensor out = at::baddbmm(b_proj.unsqueeze(1), xn, w_proj.transpose(1, 2));
     return {out, mean, rstd};
   }
-  at::Tensor y = at::baddbmm(bias, stacked(z, s), wt);  // (L, M, d)
+  at::Tensor y = project(z, stacked_view(z, s), w_proj, b_proj, s);  // (L, M, d)
   prims.rows_forward(y.unbind(0), ln_weight, ln_bias, mean, rstd, y, eps, true);
   return {y, mean, rstd};
 }
@@ -151,14 +169,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ladder_ba
       grad_z = buf;
     }
   } else {
-    const at::Tensor zs = stacked(z, s);
-    at::Tensor y = at::baddbmm(b_proj.unsqueeze(1), zs, w_proj.transpose(1, 2));  // recomputed
+    const at::Tensor zs = stacked_view(z, s);
+    at::Tensor y = project(z, zs, w_proj, b_proj, s);  // recomputed GEMM output
     const std::vector<at::Tensor> yl = y.unbind(0);
     prims.cols_backward(g, yl, mean, rstd, dgamma, dbeta);
     prims.rows_backward(g, yl, ln_weight, mean, rstd, y);  // y := dy, in place
     grad_b = at::sum(y, {1}, false, stats_type(st)).to(st);
-    grad_w = at::bmm(y.transpose(1, 2), zs);
-    if (input_grad) grad_z = at::bmm(y, w_proj);
+    if (zs.defined()) {
+      grad_w = at::bmm(y.transpose(1, 2), zs);
+      if (input_grad) grad_z = at::bmm(y, w_proj);
+    } else {
+      grad_w = at::empty({s.L, s.d, s.D}, opts);
+      if (input_grad) grad_z = at::empty({s.L, s.M, s.D}, opts);
+      for (int64_t l = 0; l < s.L; ++l) {
+        at::Tensor gw = grad_w.select(0, l);
+        at::mm_out(gw, y.select(0, l).t(), z[l]);
+        if (input_grad) {
+          at::Tensor gz = grad_z.select(0, l);
+          at::mm_out(gz, y.select(0, l), w_proj.select(0, l));
+        }
+      }
+    }
   }
   if (!grad_z.defined()) grad_z = at::empty({0}, opts);
   return {grad_z, dgamma.to(st), dbeta.to(st), grad_w, grad_b};
