@@ -181,6 +181,22 @@ def test_torch_compile_fullgraph():
 
 
 @needs_ext
+@pytest.mark.slow
+def test_torch_compile_inductor_backend_auto():
+    """Default torch.compile (inductor), backend chosen by auto inside the compiled region."""
+    args = _inputs(2, "post", lead=(10,), dim=16, dout=8)
+
+    def f(z, lw, lb, w, b):
+        return vk.ladder_projection(z, lw, lb, w, b, norm="post").square().sum()
+
+    loss = torch.compile(f, fullgraph=True)(*args)
+    grads = torch.autograd.grad(loss, _leaves(args))
+    ref_grads = torch.autograd.grad(reference.ladder_projection(*args, norm="post").square().sum(), _leaves(args))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@needs_ext
 def test_backend_reasons():
     args = _inputs(2, "pre", grad=False)
     ints = ([t.to(torch.int32) for t in args[0]],) + tuple(p.to(torch.int32) for p in args[1:])
