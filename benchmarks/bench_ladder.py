@@ -3,8 +3,9 @@
     pytest benchmarks/bench_ladder.py --benchmark-only
 
 Cases (Side4Video ladder: L frozen backbone levels, each LayerNorm + Linear(D -> d)):
-* ``cpu-tiny``: 4 levels, M = 2 x 4 x 17, D = 64 -> d = 32, fp32 on the CPU, so the
-  benchmark always runs something (CPU numbers say nothing about the GPU targets).
+* ``cpu-tiny``: 4 levels, M = 2 x 4 x 17, D = 64 -> d = 32, fp32 on the CPU, one
+  thread, so the benchmark always runs something (CPU numbers say nothing about the
+  GPU targets).
 * ``B16``: 12 levels, D = 768 -> d = 320, M = 32 x 8 x 197, bf16 on CUDA (CLIP, pre-norm).
 * ``E14``: 32 levels, D = 1792 -> d = 576, M = 16 x 8 x 257, bf16 on CUDA, pre-norm and
   post-norm (EVA's order). Skipped without a GPU, with the reason.
@@ -110,11 +111,23 @@ def _peak_bytes(impl, z, params, norm, grad):
     return torch.cuda.max_memory_allocated() - base
 
 
+@pytest.fixture
+def _one_cpu_thread(request):
+    """CPU cases run on one thread: the tiny shapes gain nothing from more, and on a
+    shared machine OpenMP barriers turn other processes' load into outliers."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 @pytest.mark.parametrize("pass_", PASSES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case_name,norm", CASE_NORMS, ids=[f"{c}-{n}" for c, n in CASE_NORMS])
-def test_ladder(benchmark, case_name, norm, impl, pass_):
+def test_ladder(benchmark, case_name, norm, impl, pass_, request):
     case = CASES[case_name]
+    if case["device"] == "cpu":
+        request.getfixturevalue("_one_cpu_thread")
     if case["device"] == "cuda" and not torch.cuda.is_available():
         pytest.skip("GPU shape: needs a CUDA device (none here)")
     z, params = _make_inputs(case, norm)

@@ -206,6 +206,9 @@ def test_backend_reasons():
     assert any("one dtype" in r for r in reasons)
     # auto falls back to eager for what the extension can't take
     assert vk.chosen_backend("ladder_projection", None, *mixed, norm="pre") == "eager"
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast numerics: auto stays eager
+        assert vk.chosen_backend("ladder_projection", None, *args, norm="pre") == "eager"
+        assert vk.chosen_backend("ladder_projection", "extension", *args, norm="pre") == "extension"
     meta = ([t.to("meta") for t in args[0]],) + tuple(p.to("meta") for p in args[1:])
     assert any("device" in r for r in vk.not_supported_reasons("ladder_projection", *meta, norm="pre")["extension"])
 

@@ -128,9 +128,20 @@ def _reasons(z, ln_weight, ln_bias, w_proj, b_proj, *, norm="pre", eps=1e-5) -> 
     return why
 
 
+def _auto_reasons(z, *args, **kwargs) -> List[str]:
+    levels = _levels(z)
+    dev = levels[0].device.type if levels else "cpu"
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        # Eager under autocast runs the Linear in the autocast dtype and the LayerNorm in
+        # fp32; the compiled op computes in the inputs' dtype. Auto keeps eager's numbers.
+        return [f"autocast is enabled on {dev}: auto keeps the eager path's autocast numerics"]
+    return []
+
+
 if _STATE.available:
     _register_ops()
-    _backend.register("ladder_projection", "extension", ladder_projection_extension, reasons=_reasons)
+    _backend.register("ladder_projection", "extension", ladder_projection_extension, reasons=_reasons,
+                      auto_reasons=_auto_reasons)
     _backend.set_note("extension", _STATE.summary())
 else:
     _backend.mark_unavailable("extension", _STATE.reason or "not loaded")
