@@ -7,17 +7,22 @@
 // block (a stacked z), else one GEMM per level on the caller's tensors, never a copy.
 //
 // Memory: the forward saves nothing itself; the autograd wrapper keeps the inputs and
-// the (L, M) statistics. Normalised rows are recomputed in the backward into one
-// transient (L, M, D) buffer (pre norm) that is reused for the input gradient.
+// the (L, M) statistics. Pre norm: the normalised rows xhat are recomputed in the
+// backward into one transient (L, M, D) buffer, reused for the input gradient; the
+// parameter gradients come from one GEMM over it (see ladder_backward). Post norm: the
+// GEMM output is recomputed (one more GEMM) instead of saved.
 #include "ladder.h"
 
 #include <ATen/OpMathType.h>
+#include <ATen/TensorOperators.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/baddbmm.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
 namespace vpeft {
@@ -157,15 +162,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ladder_ba
   at::Tensor grad_z, grad_w, grad_b;
 
   if (!post) {
-    // Recompute the normalised rows (affine included) from z and the saved statistics.
+    // With xn = xhat * gamma + beta and out = xn @ W^T + b, every parameter gradient
+    // follows from H = g^T @ xhat (L, d, D), one batched GEMM over the recomputed xhat:
+    //   dW = H * gamma + gsum (x) beta,  dgamma = sum_k W * H,  dbeta = gsum @ W,
+    // with gsum = sum_m g (= db). No (M, D) gradient and no column reduction are needed
+    // for the parameters; dxn = g @ W is formed only when z needs its gradient.
+    const auto acc = stats_type(st);
     at::Tensor buf = at::empty({s.L, s.M, s.D}, opts);
-    prims.rows_forward(as_vector(z), ln_weight, ln_bias, mean, rstd, buf, eps, false);
-    grad_w = at::bmm(g.transpose(1, 2), buf);                 // (L, d, D)
-    grad_b = at::sum(g, {1}, false, stats_type(st)).to(st);   // (L, d)
-    at::bmm_out(buf, g, w_proj);                              // buf := dLN_out (L, M, D)
-    prims.cols_backward(buf, as_vector(z), mean, rstd, dgamma, dbeta);
+    const at::Tensor ones = at::ones({s.L, s.D}, opts), zeros = at::zeros({s.L, s.D}, opts);
+    prims.rows_forward(as_vector(z), ones, zeros, mean, rstd, buf, eps, false);  // xhat
+    const at::Tensor h = at::bmm(g.transpose(1, 2), buf).to(acc);  // (L, d, D)
+    const at::Tensor gsum = at::sum(g, {1}, false, acc);           // (L, d)
+    const at::Tensor w_acc = w_proj.to(acc);
+    grad_b = gsum.to(st);
+    grad_w = (h * ln_weight.to(acc).unsqueeze(1) + gsum.unsqueeze(2) * ln_bias.to(acc).unsqueeze(1)).to(st);
+    dgamma = (h * w_acc).sum(1);
+    dbeta = at::bmm(gsum.unsqueeze(1), w_acc).squeeze(1);
     if (input_grad) {
-      prims.rows_backward(buf, as_vector(z), ln_weight, mean, rstd, buf);  // in place
+      at::bmm_out(buf, g, w_proj);  // buf := dxn (L, M, D); xhat is no longer needed
+      prims.rows_backward(buf, as_vector(z), ln_weight, mean, rstd, buf);  // in place: dz
       grad_z = buf;
     }
   } else {
