@@ -6,7 +6,8 @@
 //   norm "post": out[l] = LN_l(z[l] @ W[l]^T + b[l])     LN over d, gamma/beta (L, d)
 //   W (L, d, D), b (L, d), out (L, M, d). LayerNorm uses the biased variance and
 //   1 / sqrt(var + eps); statistics are accumulated in at::opmath_type (fp32 for
-//   fp16/bf16/fp32 inputs, fp64 for fp64 inputs) with Welford's update.
+//   fp16/bf16/fp32 inputs, fp64 for fp64 inputs): Welford per lane merged across the
+//   warp on CUDA, two passes over the cache-resident row on CPU.
 //
 // The host flow (ladder_flow.cpp) is written once with ATen GEMMs (one batched GEMM
 // over levels per product) and three row/column primitives that each device

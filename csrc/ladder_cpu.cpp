@@ -1,7 +1,7 @@
 // CPU build of the ladder projection: the op schemas (TORCH_LIBRARY), the CPU
 // LayerNorm primitives (at::parallel_for over levels x rows, opmath accumulation,
-// Welford statistics), the CPU registrations and the Python module vpeft_kernels._C,
-// which records the versions it was built with.
+// two-pass statistics over the cache-resident row), the CPU registrations and the
+// Python module vpeft_kernels._C, which records the versions it was built with.
 #include <Python.h>
 
 #include <ATen/OpMathType.h>
@@ -27,6 +27,22 @@ std::vector<const T*> level_ptrs(const std::vector<at::Tensor>& src) {
   return p;
 }
 
+// sum_{j < n} f(j) with kLanes independent partial sums (breaks the add latency chain
+// and lets the compiler vectorise), combined in a fixed order.
+constexpr int kLanes = 8;
+template <typename acc_t, typename F>
+inline acc_t row_sum(int64_t n, const F& f) {
+  acc_t part[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int k = 0; k < kLanes; ++k) part[k] += f(j + k);
+  }
+  acc_t total = 0;
+  for (; j < n; ++j) total += f(j);
+  for (int k = 0; k < kLanes; ++k) total += part[k];
+  return total;
+}
+
 int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
 
 void cpu_rows_forward(const std::vector<at::Tensor>& src, const at::Tensor& gamma,
@@ -47,16 +63,14 @@ void cpu_rows_forward(const std::vector<at::Tensor>& src, const at::Tensor& gamm
         const scalar_t* x = xs[l] + m * N;
         acc_t mu, rs;
         if (compute_stats) {
-          acc_t count = 0, avg = 0, m2 = 0;  // Welford
-          for (int64_t j = 0; j < N; ++j) {
-            const acc_t v = static_cast<acc_t>(x[j]);
-            count += 1;
-            const acc_t delta = v - avg;
-            avg += delta / count;
-            m2 += delta * (v - avg);
-          }
-          mu = avg;
-          rs = acc_t(1) / std::sqrt(m2 / static_cast<acc_t>(N) + static_cast<acc_t>(eps));
+          // Two passes over the (cache-resident) row, each with kLanes independent
+          // accumulators: as robust as Welford, without its serial division chain.
+          mu = row_sum<acc_t>(N, [&](int64_t j) { return static_cast<acc_t>(x[j]); }) / static_cast<acc_t>(N);
+          const acc_t var = row_sum<acc_t>(N, [&](int64_t j) {
+            const acc_t c = static_cast<acc_t>(x[j]) - mu;
+            return c * c;
+          }) / static_cast<acc_t>(N);
+          rs = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
           mp[r] = mu;
           rp[r] = rs;
         } else {
@@ -95,12 +109,12 @@ void cpu_rows_backward(const at::Tensor& grad, const std::vector<at::Tensor>& sr
         const scalar_t* gr = gp + r * N;
         const scalar_t* wl = w + l * N;
         const acc_t mu = mp[r], rs = rp[r];
-        acc_t sum_a = 0, sum_ax = 0;
-        for (int64_t j = 0; j < N; ++j) {
-          const acc_t a = static_cast<acc_t>(gr[j]) * static_cast<acc_t>(wl[j]);
-          sum_a += a;
-          sum_ax += a * (static_cast<acc_t>(x[j]) - mu) * rs;
-        }
+        const acc_t sum_a = row_sum<acc_t>(N, [&](int64_t j) {
+          return static_cast<acc_t>(gr[j]) * static_cast<acc_t>(wl[j]);
+        });
+        const acc_t sum_ax = row_sum<acc_t>(N, [&](int64_t j) {
+          return static_cast<acc_t>(gr[j]) * static_cast<acc_t>(wl[j]) * (static_cast<acc_t>(x[j]) - mu) * rs;
+        });
         const acc_t c1 = sum_a * inv_n, c2 = sum_ax * inv_n;
         scalar_t* o = out + r * N;  // may alias x or the gradient rows
         for (int64_t j = 0; j < N; ++j) {
