@@ -17,6 +17,7 @@
 //   rows_backward: per row, given the gradient g wrt the LayerNorm output,
 //                  dx = rstd * (a - mean_j(a) - xhat * mean_j(a * xhat)), a = g * gamma[l]
 //   cols_backward: dgamma[l, j] = sum_m g[l, m, j] * xhat[l, m, j], dbeta[l, j] = sum_m g
+// The ops take z as L contiguous tensors (..., D) of one shape, M = their row count.
 // src is a list of L contiguous (M, N) tensors (the caller's level tensors, read in
 // place, never stacked); dst and g are stacked (L, M, N). dst may alias src (post
 // norm, in place over the GEMM output) or g (rows_backward in place): every
@@ -48,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ladder_forward(
     const at::Tensor& ln_bias, const at::Tensor& w_proj, const at::Tensor& b_proj, bool post,
     double eps);
 
-// Returns (grad_z (L, M, D) or an empty tensor when input_grad is false,
+// Returns (grad_z (L, M, D), rows in z's order, or an empty tensor when input_grad is false,
 //          grad_ln_weight, grad_ln_bias, grad_w_proj, grad_b_proj).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ladder_backward(
     const LadderPrims& prims, const at::Tensor& grad_out, at::TensorList z,

@@ -192,7 +192,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
 // Namespace "vpeft_ext" so that the compiled ops never collide with ops that other
 // parts of vpeft define from Python.
 TORCH_LIBRARY(vpeft_ext, m) {
-  // z: L level tensors, each contiguous (M, D); parameters (L, ...) of z's dtype.
+  // z: L level tensors of one shape (..., D), contiguous, M rows each; parameters
+  // (L, ...) of z's dtype. The inputs are read in place (never stacked or copied).
   // Returns the projection (L, M, d) and the LayerNorm statistics mean, rstd (L, M)
   // in fp32 (fp64 for fp64 inputs).
   m.def("ladder_forward(Tensor[] z, Tensor ln_weight, Tensor ln_bias, Tensor w_proj, "

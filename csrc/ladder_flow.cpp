@@ -32,6 +32,21 @@ struct Dims {
   int64_t L, M, D, d;
 };
 
+// The level tensors (..., D) as (M, D) views (all contiguous, of one shape).
+std::vector<at::Tensor> flatten_levels(at::TensorList z) {
+  TORCH_CHECK(!z.empty(), "ladder_projection: z is an empty list, expected L >= 1 levels");
+  TORCH_CHECK(z[0].dim() >= 1, "ladder_projection: z[0] must be (..., D), got a 0-d tensor");
+  std::vector<at::Tensor> out;
+  out.reserve(z.size());
+  for (size_t l = 0; l < z.size(); ++l) {
+    TORCH_CHECK(z[l].sizes() == z[0].sizes(), "ladder_projection: z[", l, "] has shape ",
+                z[l].sizes(), ", expected ", z[0].sizes(), " like z[0]");
+    TORCH_CHECK(z[l].is_contiguous(), "ladder_projection: z[", l, "] must be contiguous");
+    out.push_back(z[l].reshape({-1, z[0].size(-1)}));
+  }
+  return out;
+}
+
 Dims check_args(at::TensorList z, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
                 const at::Tensor& w_proj, const at::Tensor& b_proj, bool post) {
   TORCH_CHECK(!z.empty(), "ladder_projection: z is an empty list, expected L >= 1 levels");
@@ -121,9 +136,11 @@ void check_stats(const at::Tensor& mean, const at::Tensor& rstd, const Dims& s, 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ladder_forward(
-    const LadderPrims& prims, at::TensorList z, const at::Tensor& ln_weight,
+    const LadderPrims& prims, at::TensorList z_in, const at::Tensor& ln_weight,
     const at::Tensor& ln_bias, const at::Tensor& w_proj, const at::Tensor& b_proj, bool post,
     double eps) {
+  const std::vector<at::Tensor> zf = flatten_levels(z_in);
+  const at::TensorList z(zf);
   const Dims s = check_args(z, ln_weight, ln_bias, w_proj, b_proj, post);
   auto opts = z[0].options();
   auto sopts = opts.dtype(stats_type(z[0].scalar_type()));
@@ -142,10 +159,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ladder_forward(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ladder_backward(
-    const LadderPrims& prims, const at::Tensor& grad_out, at::TensorList z,
+    const LadderPrims& prims, const at::Tensor& grad_out, at::TensorList z_in,
     const at::Tensor& ln_weight, const at::Tensor& ln_bias, const at::Tensor& w_proj,
     const at::Tensor& b_proj, const at::Tensor& mean, const at::Tensor& rstd, bool post,
     double eps, bool input_grad) {
+  const std::vector<at::Tensor> zf = flatten_levels(z_in);
+  const at::TensorList z(zf);
   const Dims s = check_args(z, ln_weight, ln_bias, w_proj, b_proj, post);
   const auto st = z[0].scalar_type();
   check_stats(mean, rstd, s, st);

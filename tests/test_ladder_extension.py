@@ -157,6 +157,14 @@ def test_saved_for_backward_is_inputs_plus_stats(norm):
             vk.ladder_projection(*args, norm=norm, backend=backend)
         return sum(total), args
 
+    # the saved level tensors are the caller's own tensors, not reshaped or copied ones
+    args = _inputs(4, norm, lead=(6, 11), dim=48, dout=16)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        vk.ladder_projection(*args, norm=norm, backend="extension")
+    for zi in args[0]:
+        assert any(t is zi for t in kept)
+
     ext, args = saved_bytes("extension")
     eager, _ = saved_bytes("eager")
     inputs = sum(t.numel() * t.element_size() for t in _leaves(args))
@@ -168,8 +176,8 @@ def test_saved_for_backward_is_inputs_plus_stats(norm):
 @needs_ext
 @pytest.mark.parametrize("norm", ["pre", "post"])
 def test_opcheck(norm):
-    args = _inputs(3, norm, lead=(5,), dim=9, dout=7)
-    z = [t.reshape(-1, t.shape[-1]) for t in args[0]]
+    args = _inputs(3, norm, lead=(2, 3), dim=9, dout=7)
+    z = list(args[0])  # (..., D) level tensors, as the op takes them
     op_args = (z,) + tuple(args[1:]) + (norm == "post", 1e-5)
     torch.library.opcheck(torch.ops.vpeft_ext.ladder_forward.default, op_args)
     out, mean, rstd = torch.ops.vpeft_ext.ladder_forward(*op_args)

@@ -10,8 +10,8 @@ The kernels live in ``csrc/`` and are registered as ``torch.ops.vpeft_ext.ladder
 ``torch.ops.vpeft_ext.ladder_backward``. This module adds what torch needs from Python:
 fake (meta) implementations, so the ops trace under ``torch.compile(fullgraph=True)``,
 and the autograd formula. For backward it saves only the inputs (the caller's level
-tensors, not a stacked copy), the parameters and the statistics; the normalised rows
-are recomputed in the backward, never saved.
+tensors themselves, as passed: no reshaped or stacked copy), the parameters and the
+statistics; the normalised rows are recomputed in the backward, never saved.
 
 Importing this module loads the library (:mod:`vpeft_kernels._extension`) and
 registers the "extension" backend of ``ladder_projection``; when the library is
@@ -20,6 +20,7 @@ missing or was built for another torch it records the one-line reason instead
 """
 from __future__ import annotations
 
+import math
 from typing import List, Sequence, Union
 
 import torch
@@ -55,14 +56,15 @@ def _levels(z) -> List[torch.Tensor]:
 def _register_ops() -> None:
     @torch.library.register_fake("vpeft_ext::ladder_forward")
     def _forward_fake(z, ln_weight, ln_bias, w_proj, b_proj, post, eps):
-        m = z[0].shape[0]
+        m = math.prod(z[0].shape[:-1])
         st = _stats_dtype(z[0].dtype)
         out = z[0].new_empty((len(z), m, w_proj.shape[1]))
         return out, z[0].new_empty((len(z), m), dtype=st), z[0].new_empty((len(z), m), dtype=st)
 
     @torch.library.register_fake("vpeft_ext::ladder_backward")
     def _backward_fake(grad_out, z, ln_weight, ln_bias, w_proj, b_proj, mean, rstd, post, eps, input_grad):
-        m, dim = z[0].shape
+        dim = z[0].shape[-1]
+        m = math.prod(z[0].shape[:-1])
         grad_z = z[0].new_empty((len(z), m, dim)) if input_grad else z[0].new_empty((0,))
         return (grad_z, torch.empty_like(ln_weight), torch.empty_like(ln_bias),
                 torch.empty_like(w_proj), torch.empty_like(b_proj))
@@ -82,11 +84,12 @@ def _register_ops() -> None:
         z = list(saved[:ctx.levels])
         ln_weight, ln_bias, w_proj, b_proj, mean, rstd = saved[ctx.levels:]
         if grad_out is None:
-            grad_out = z[0].new_zeros((ctx.levels, z[0].shape[0], w_proj.shape[1]))
+            grad_out = z[0].new_zeros((ctx.levels, math.prod(z[0].shape[:-1]), w_proj.shape[1]))
         grad_z, g_lw, g_lb, g_w, g_b = torch.ops.vpeft_ext.ladder_backward(
             grad_out, z, ln_weight, ln_bias, w_proj, b_proj, mean, rstd, ctx.post, ctx.eps,
             ctx.input_grad)
-        grad_list = list(grad_z.unbind(0)) if ctx.input_grad else [None] * ctx.levels
+        grad_list = ([g.view(z[0].shape) for g in grad_z.unbind(0)] if ctx.input_grad
+                     else [None] * ctx.levels)
         return grad_list, g_lw, g_lb, g_w, g_b, None, None
 
     torch.library.register_autograd("vpeft_ext::ladder_forward", _backward, setup_context=_setup_context)
@@ -97,11 +100,10 @@ def ladder_projection_extension(z: Union[Sequence[torch.Tensor], torch.Tensor], 
     """The compiled ladder projection; same arguments and result as
     :func:`vpeft_kernels.reference.ladder_projection` (arguments already checked by
     :func:`vpeft_kernels.ladder_projection`)."""
-    levels = _levels(z)
-    lead, dim = tuple(levels[0].shape[:-1]), levels[0].shape[-1]
-    flat = [t.reshape(-1, dim).contiguous() for t in levels]
+    levels = [t.contiguous() for t in _levels(z)]  # no-ops for contiguous inputs
+    lead = tuple(levels[0].shape[:-1])
     out, _, _ = torch.ops.vpeft_ext.ladder_forward(
-        flat, ln_weight.contiguous(), ln_bias.contiguous(), w_proj.contiguous(), b_proj.contiguous(),
+        levels, ln_weight.contiguous(), ln_bias.contiguous(), w_proj.contiguous(), b_proj.contiguous(),
         norm == "post", float(eps))
     return out.view((len(levels),) + lead + (w_proj.shape[1],))
 
