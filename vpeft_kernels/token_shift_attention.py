@@ -387,16 +387,21 @@ def _backward(grad_out, s, c, pos, ln_weight, ln_bias, w_qkv, w_out, qkv, o, lse
     do = (g2 @ w_out).view(fr, n, d)
 
     dqkv, dkv_cls = _attention_core_backward(qkv, kv_cls, o, lse, do, num_heads)
+    del do  # the temporaries below are dropped as soon as they are used: lower peak memory
     dkv_cls = dkv_cls.to(s.dtype)
 
     # patch tokens: recompute LN(s + pos) rather than having saved it
     x = s + pos
     xs, mean, rstd = _layer_norm(x, ln_weight, ln_bias, eps)
     dq2 = dqkv.view(fr * n, 3 * d)
+    del dqkv
     d_w_qkv = dq2.t() @ xs.reshape(fr * n, d)
+    del xs
     d_b_qkv = dq2.sum(0)
-    dx, d_lnw, d_lnb = _layer_norm_backward((dq2 @ w_qkv).view(fr, n, d), x, mean, rstd,
-                                            ln_weight, ln_bias)
+    dxs = (dq2 @ w_qkv).view(fr, n, d)
+    del dq2
+    dx, d_lnw, d_lnb = _layer_norm_backward(dxs, x, mean, rstd, ln_weight, ln_bias)
+    del dxs, x
 
     # the extra token: its k/v projection, its LayerNorm, then back through the shift
     cs = _shift_cls(c, num_frames)
