@@ -242,9 +242,31 @@ def test_dispatch_reasons_on_cpu():
     why = not_supported_reasons("token_shift_attention", *odd, num_frames=2, num_heads=2)["triton"]
     assert any("head dim 48" in w for w in why)
     mixed = list(args)
-    mixed[5] = mixed[5].double()
+    mixed[5] = mixed[5].half()
     why = not_supported_reasons("token_shift_attention", *mixed, **kw)["triton"]
     assert any("one dtype" in w for w in why)
+    mixed[5] = mixed[5].double()
+    why = not_supported_reasons("token_shift_attention", *mixed, **kw)["triton"]
+    assert any("float64" in w and "not supported" in w for w in why)
+
+
+@needs_kernels
+def test_autocast_runs_in_the_autocast_dtype():
+    """Under autocast the inputs are cast to its dtype; gradients come back in the inputs' dtypes."""
+    b, t, n, d, heads = 1, 2, 12, 64, 1
+    device_type = "cuda" if CUDA else "cpu"
+    amp = torch.bfloat16 if CUDA else torch.float16  # bf16 is wrong in the CPU interpreter
+    args = make_inputs(b, t, n, d)
+    grad = torch.randn(b * t, n, d, device=DEV)
+    leaves = [a.clone().requires_grad_() for a in args]
+    with torch.autocast(device_type, dtype=amp):
+        assert chosen_backend("token_shift_attention", "triton", *leaves, num_frames=t, num_heads=heads) == "triton"
+        out = vpeft_kernels.token_shift_attention(*leaves, num_frames=t, num_heads=heads, backend="triton")
+    out.backward(grad.to(amp))
+    low = run([a.to(amp) for a in args], t, heads, "triton", grad.to(amp))
+    assert out.dtype == amp and torch.equal(out.detach(), low[0])
+    for a, g_low in zip(leaves, low[1:]):
+        assert a.grad.dtype == torch.float32 and torch.equal(a.grad, g_low.float())
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device (auto picks triton only for CUDA tensors)")

@@ -35,6 +35,7 @@ before triton is imported) only when ``backend="triton"`` is asked for.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import List, Optional, Tuple
 
@@ -422,14 +423,21 @@ def _backward(grad_out, s, c, pos, ln_weight, ln_bias, w_qkv, w_out, qkv, o, lse
 # --------------------------------------------------------------------------- torch.library
 
 
+def _no_autocast(x):
+    """The op computes in its inputs' dtype: autocast must not re-cast its LayerNorm/GEMMs."""
+    dev = x.device.type
+    return torch.autocast(dev, enabled=False) if dev in ("cuda", "cpu") else contextlib.nullcontext()
+
+
 @torch.library.custom_op("vpeft::token_shift_attention_fwd", mutates_args=())
 def _fwd_op(s: torch.Tensor, c: torch.Tensor, pos: torch.Tensor, ln_weight: Optional[torch.Tensor],
             ln_bias: Optional[torch.Tensor], w_qkv: torch.Tensor, b_qkv: torch.Tensor,
             w_out: torch.Tensor, b_out: torch.Tensor, num_frames: int, num_heads: int,
             eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(out, qkv, o, lse, kv_cls)``; all but ``out`` are kept for the backward pass."""
-    return _forward(s, c, pos, ln_weight, ln_bias, w_qkv, b_qkv, w_out, b_out,
-                    num_frames, num_heads, eps)
+    with _no_autocast(s):
+        return _forward(s, c, pos, ln_weight, ln_bias, w_qkv, b_qkv, w_out, b_out,
+                        num_frames, num_heads, eps)
 
 
 @_fwd_op.register_fake
@@ -446,8 +454,9 @@ def _bwd_op(grad_out: torch.Tensor, s: torch.Tensor, c: torch.Tensor, pos: torch
             kv_cls: torch.Tensor, num_frames: int, num_heads: int, eps: float) -> List[torch.Tensor]:
     """Gradients of s, c, pos, ln_weight, ln_bias, w_qkv, b_qkv, w_out, b_out (empty LN
     gradients when there is no LayerNorm)."""
-    return list(_backward(grad_out.contiguous(), s, c, pos, ln_weight, ln_bias, w_qkv, w_out,
-                          qkv, o, lse, kv_cls, num_frames, num_heads, eps))
+    with _no_autocast(s):
+        return list(_backward(grad_out.contiguous(), s, c, pos, ln_weight, ln_bias, w_qkv, w_out,
+                              qkv, o, lse, kv_cls, num_frames, num_heads, eps))
 
 
 @_bwd_op.register_fake
@@ -484,14 +493,33 @@ _fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------- backend
 
 
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast would run matmuls in on this device, or None when it is off."""
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def token_shift_attention_triton(s, c, pos, ln_weight, ln_bias, w_qkv, b_qkv, w_out, b_out, *,
                                  num_frames, num_heads, eps=1e-5):
-    """Backend ``"triton"`` of :func:`vpeft_kernels.token_shift_attention` (same signature)."""
-    def cont(t):
-        return None if t is None else t.contiguous()
-    out = torch.ops.vpeft.token_shift_attention_fwd(
-        cont(s), cont(c), cont(pos), cont(ln_weight), cont(ln_bias), cont(w_qkv), cont(b_qkv),
-        cont(w_out), cont(b_out), int(num_frames), int(num_heads), float(eps))
+    """Backend ``"triton"`` of :func:`vpeft_kernels.token_shift_attention` (same signature).
+
+    Under ``torch.autocast`` every input is cast to the autocast dtype (as autocast does
+    for a matmul; the casts are differentiable, so gradients reach the inputs in their
+    own dtypes) and the op itself runs with autocast off, all in that one dtype.
+    """
+    amp = _autocast_dtype(s.device.type)
+
+    def prep(t):
+        if t is None:
+            return None
+        return (t if amp is None else t.to(amp)).contiguous()
+
+    args = [prep(t) for t in (s, c, pos, ln_weight, ln_bias, w_qkv, b_qkv, w_out, b_out)]
+    out = torch.ops.vpeft.token_shift_attention_fwd(*args, int(num_frames), int(num_heads), float(eps))
     return out[0]
 
 
@@ -501,19 +529,24 @@ def _reasons(s, c, pos, ln_weight, ln_bias, w_qkv, b_qkv, w_out, b_out, *, num_f
     tensors = [t for t in (s, c, pos, ln_weight, ln_bias, w_qkv, b_qkv, w_out, b_out) if t is not None]
     devices = {t.device for t in tensors}
     dtypes = {t.dtype for t in tensors}
+    amp = _autocast_dtype(s.device.type)
     if len(devices) > 1:
         why.append(f"all tensors must be on one device, got {sorted(str(x) for x in devices)}")
-    if len(dtypes) > 1:
-        why.append(f"all tensors must share one dtype, got {sorted(str(x) for x in dtypes)}")
-    if s.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        why.append(f"dtype {s.dtype} is not supported (float16, bfloat16, float32)")
+    if not dtypes <= set(_FLOATS):
+        why.append(f"dtypes {sorted(str(x) for x in dtypes - set(_FLOATS))} are not supported "
+                   "(float16, bfloat16, float32)")
+    elif amp is None and len(dtypes) > 1:
+        why.append(f"all tensors must share one dtype (or run under autocast), got "
+                   f"{sorted(str(x) for x in dtypes)}")
+    dtype = amp if amp is not None else s.dtype
     dev = s.device.type
     if dev == "cpu":
         if not _INTERPRET:
             why.append("CPU tensors run only through Triton's interpreter: set TRITON_INTERPRET=1 "
                        "before triton is imported")
-        elif s.dtype == torch.bfloat16:
-            why.append("bfloat16 is not computed correctly by Triton's CPU interpreter")
+        elif dtype == torch.bfloat16:
+            why.append("bfloat16 is not computed correctly by Triton's CPU interpreter"
+                       + (" (it is the autocast dtype here)" if amp is not None else ""))
     elif dev != "cuda":
         why.append(f"device type {dev!r} is not supported (cuda, or cpu through the interpreter)")
     d = s.shape[-1]
