@@ -69,14 +69,16 @@ def assert_all_close(got, ref, rtol, atol, what=""):
         assert err <= atol + rtol * scale, f"{what}{name}: max error {err:.3g} (scale {scale:.3g})"
 
 
-# (B, T, N, d, heads): T = 1 (both neighbours zero), T = 2, odd N, batch 1, several
-# query/key blocks with a ragged tail (N = 20, 33), head dims 64 and 32.
+# (B, T, N, d, heads): T = 1 (both neighbours zero), T = 2, T = 32, odd N, N = 1, batch 1,
+# several query/key blocks with a ragged tail (N = 20, 33), head dims 64 and 32.
 SHAPES = [
     pytest.param(2, 3, 20, 128, 2, id="B2-T3-N20-d128-h2"),
     pytest.param(1, 1, 9, 64, 1, id="B1-T1-N9-d64"),
     pytest.param(2, 2, 16, 64, 1, id="B2-T2-N16-d64"),
     pytest.param(1, 4, 33, 64, 1, id="B1-T4-N33-d64"),
     pytest.param(1, 2, 7, 64, 2, id="B1-T2-N7-d64-hd32"),
+    pytest.param(1, 32, 5, 64, 1, id="B1-T32-N5-d64"),
+    pytest.param(2, 2, 1, 64, 1, id="B2-T2-N1-d64"),
 ]
 
 
