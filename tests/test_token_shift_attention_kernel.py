@@ -70,7 +70,7 @@ def assert_all_close(got, ref, rtol, atol, what=""):
 
 
 # (B, T, N, d, heads): T = 1 (both neighbours zero), T = 2, T = 32, odd N, N = 1, batch 1,
-# several query/key blocks with a ragged tail (N = 20, 33), head dims 64 and 32.
+# several query/key blocks with a ragged tail (N = 18, 20, 33), head dims 16, 32, 64, 128.
 SHAPES = [
     pytest.param(2, 3, 20, 128, 2, id="B2-T3-N20-d128-h2"),
     pytest.param(1, 1, 9, 64, 1, id="B1-T1-N9-d64"),
@@ -79,6 +79,8 @@ SHAPES = [
     pytest.param(1, 2, 7, 64, 2, id="B1-T2-N7-d64-hd32"),
     pytest.param(1, 32, 5, 64, 1, id="B1-T32-N5-d64"),
     pytest.param(2, 2, 1, 64, 1, id="B2-T2-N1-d64"),
+    pytest.param(1, 2, 18, 64, 4, id="B1-T2-N18-d64-hd16"),
+    pytest.param(1, 2, 18, 128, 1, id="B1-T2-N18-d128-hd128"),
 ]
 
 

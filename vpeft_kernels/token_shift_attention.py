@@ -8,7 +8,7 @@ the neighbouring frames. The eager reference concatenates that token into an
 
 * patch tokens: ``x = s + pos``, ``xs = LN(x)`` (skipped when ``ln_weight is None``),
   ``qkv = xs @ w_qkv.T + b_qkv`` -> ``(B*T, N, 3d)`` holding q, k, v of all heads;
-* the [CLS] token, one row per frame: ``cs = token_shift(c)``, ``xc = LN(cs)``,
+* the [CLS] token, one row per frame: ``cs = token_shift(c)``, ``xc = LN(cs)`` (same rule),
   ``kv_cls = xc @ w_qkv[d:].T + b_qkv[d:]`` -> ``(B*T, 2d)``, the extra key and value
   of every head in a small buffer of its own;
 * the fused kernel: each query block runs an online softmax (fp32 statistics) over the
@@ -17,9 +17,10 @@ the neighbouring frames. The eager reference concatenates that token into an
 * ``out = o @ w_out.T + b_out``.
 
 For the backward pass only flash-attention's set is saved: ``qkv`` (q, k, v), ``o``,
-the logsumexp, and the per-frame ``kv_cls`` buffer (besides the op's own inputs,
-which the caller holds anyway). The LayerNorm of ``s + pos`` is recomputed in the
-backward pass instead of being stored. Two backward kernels give dQ (plus the extra
+the logsumexp, and the per-frame ``kv_cls`` buffer, besides the op's inputs ``s``,
+``c``, ``pos`` and the weights (``s`` stands in for the LayerNorm input eager autograd
+would keep). The LayerNorm of ``s + pos`` is recomputed in the backward pass instead
+of its input and output being stored. Two backward kernels give dQ (plus the extra
 token's dK/dV as per-query-block partial sums, reduced on the host without atomics,
 so the result is deterministic) and dK/dV of the patch keys; the extra token's
 gradient then flows through its projection and LayerNorm and back through the shift
