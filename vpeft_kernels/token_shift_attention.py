@@ -291,6 +291,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def attention_core(qkv: torch.Tensor, kv_cls: torch.Tensor, num_heads: int):
     """Run the fused forward kernel: ``(o, lse)`` from ``qkv (F, N, 3d)`` and ``kv_cls (F, 2d)``.
 
@@ -302,8 +307,9 @@ def attention_core(qkv: torch.Tensor, kv_cls: torch.Tensor, num_heads: int):
     o = torch.empty((fr, n, d), device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty((fr, num_heads, n), device=qkv.device, dtype=torch.float32)
     grid = lambda meta: (fr * num_heads, triton.cdiv(n, meta["BLOCK_M"]))  # noqa: E731
-    _tsa_fwd_kernel[grid](qkv, kv_cls, o, lse, float(hd ** -0.5), n, num_heads,
-                          HEAD_DIM=hd, DOT_PRECISION=_dot_precision(qkv.dtype))
+    with _on_device(qkv):
+        _tsa_fwd_kernel[grid](qkv, kv_cls, o, lse, float(hd ** -0.5), n, num_heads,
+                              HEAD_DIM=hd, DOT_PRECISION=_dot_precision(qkv.dtype))
     return o, lse
 
 
@@ -318,12 +324,14 @@ def _attention_core_backward(qkv, kv_cls, o, lse, do, num_heads):
     delta = torch.empty((fr, num_heads, n), device=qkv.device, dtype=torch.float32)
     num_mb = triton.cdiv(n, _DQ_BLOCK_M)
     part = torch.empty((fr * num_heads, num_mb, 2, hd), device=qkv.device, dtype=torch.float32)
-    _tsa_bwd_dq_kernel[(fr * num_heads, num_mb)](
-        qkv, kv_cls, o, do, lse, delta, dqkv, part, scale, n, num_heads, num_mb,
-        HEAD_DIM=hd, DOT_PRECISION=prec, BLOCK_M=_DQ_BLOCK_M)
     grid = lambda meta: (fr * num_heads, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-    _tsa_bwd_dkdv_kernel[grid](qkv, do, lse, delta, dqkv, scale, n, num_heads,
-                               HEAD_DIM=hd, DOT_PRECISION=prec)
+    with _on_device(qkv):
+        # dQ first: it also writes delta, which the dK/dV kernel reads
+        _tsa_bwd_dq_kernel[(fr * num_heads, num_mb)](
+            qkv, kv_cls, o, do, lse, delta, dqkv, part, scale, n, num_heads, num_mb,
+            HEAD_DIM=hd, DOT_PRECISION=prec, BLOCK_M=_DQ_BLOCK_M)
+        _tsa_bwd_dkdv_kernel[grid](qkv, do, lse, delta, dqkv, scale, n, num_heads,
+                                   HEAD_DIM=hd, DOT_PRECISION=prec)
     # (F*H, MB, 2, hd) -> (F, 2, H, hd) -> (F, 2d): the same layout as kv_cls
     dkv_cls = part.sum(1).view(fr, num_heads, 2, hd).transpose(1, 2).reshape(fr, 2 * d)
     return dqkv, dkv_cls
