@@ -8,6 +8,17 @@ backends are available and why not.
 """
 from ._backend import (BACKENDS, BackendUnavailableError, backend_status, chosen_backend,
                        not_supported_reasons)
+from . import _backend
+
+# Triton implementations register themselves with _backend when imported. A missing or
+# broken triton must not break the package: the backend is marked unavailable with the
+# reason instead. These imports come BEFORE ``from .api import ...``: importing the
+# submodule ``token_shift_attention`` binds that name on this package to the module, and
+# the api import below rebinds it to the public function.
+try:
+    from . import token_shift_attention as _token_shift_attention_triton  # noqa: F401
+except Exception as exc:  # ImportError, or triton failing to initialise
+    _backend.mark_unavailable("triton", f"Triton kernels could not be loaded ({type(exc).__name__}: {exc})")
 from .api import ladder_projection, msta_adapter, st_adapter, token_shift_attention
 from . import reference
 
