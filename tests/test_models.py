@@ -131,7 +131,7 @@ def test_one_step_changes_only_trained_parameters(method):
 
 def test_side4video_keeps_no_backbone_activation_for_backward():
     model = tiny_clip(width=64)                       # backbone D = 64, MLP hidden 256
-    vm = vpeft.adapt(model, "side4video", num_frames=T, num_classes=5, side_width=128, side_layers=2)
+    vm = vpeft.adapt(model, "side4video", num_frames=T, num_classes=5, side_width=192, side_layers=2)
     vm.train()
     saved = []
 
