@@ -47,7 +47,10 @@ Tensor = torch.Tensor
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MSTA_MAX_R = 256  # the MSTA bottleneck kernels keep a (rows, r) tile and Ws (r, r) on chip
+# The MSTA bottleneck kernels keep a (rows, r) tile and the whole shared weight Ws (r, r)
+# on chip; compiled for sm_90, r=256 needs ~148 KB of shared memory in 16-bit and ~290 KB
+# (more than an H100 has) in fp32, so fp32 stops at r=128.
+_MSTA_MAX_R = {torch.float32: 128, torch.float16: 256, torch.bfloat16: 256}
 
 
 # --------------------------------------------------------------------------- kernels
@@ -772,9 +775,10 @@ def _msta_reasons(u, w_down, b_down, w_shared, b_shared, w_up, b_up, w_tconv=Non
                   num_frames=None, dropout_p=0.0) -> List[str]:
     why = _common_reasons((u, w_down, b_down, w_shared, b_shared, w_up, b_up, w_tconv, b_tconv))
     r = w_down.shape[0]
-    if r > _MSTA_MAX_R:
-        why.append(f"bottleneck r={r} is larger than {_MSTA_MAX_R}: the MSTA kernels keep the whole (rows, r) "
-                   "tile and the shared (r, r) weight on chip")
+    max_r = _MSTA_MAX_R.get(u.dtype, 0)
+    if max_r and r > max_r:
+        why.append(f"bottleneck r={r} is larger than {max_r} for {u.dtype}: the MSTA kernels keep the whole "
+                   "(rows, r) tile and the shared (r, r) weight on chip")
     return why
 
 
