@@ -31,6 +31,18 @@ Backward recomputes the bottleneck from the saved input (no (M, r) or (M, D)
 activation is saved; the saved tensors are the op's inputs), reduces weight gradients
 in fp32 (split over rows into fp32 partial buffers, summed on the host, so results are
 deterministic), and produces the input gradient with one more GEMM.
+
+Limits
+------
+* All tensors of one call must share a device and a dtype (float32, float16,
+  bfloat16); mixed dtypes (e.g. fp32 weights under autocast) fall back to eager.
+* MSTA keeps the whole bottleneck on chip: r <= 128 in fp32, r <= 256 in 16-bit.
+  ST-Adapter tiles r and takes any r.
+* The dropout mask is indexed by ``m*r + c`` in 32 bits: past 2**32 elements per call
+  the Philox stream repeats (the mask stays identical between forward and backward).
+* No double backward.
+* On the GPU nothing here has been timed or tuned yet: tile sizes are fixed, not
+  autotuned (the interpreter cannot autotune).
 """
 from __future__ import annotations
 
