@@ -756,7 +756,9 @@ def _common_reasons(tensors) -> List[str]:
         why.append(f"tensors are on different devices: {sorted(str(d) for d in devices)}")
     dtypes = {t.dtype for t in ts}
     if len(dtypes) > 1:
-        why.append(f"tensors have mixed dtypes {sorted(str(d) for d in dtypes)}; the kernels need one dtype")
+        why.append(f"tensors have mixed dtypes {sorted(str(d) for d in dtypes)}; the kernels need one dtype "
+                   "(under autocast the parameters stay float32: cast the module to the activation dtype "
+                   "to use the fused kernels)")
     dev = ts[0].device
     dtype = ts[0].dtype
     if dtype not in _DTYPES:
