@@ -1,10 +1,9 @@
-"""Benchmark configuration.
+"""Benchmark configuration (``pytest benchmarks/ --benchmark-only``).
 
-* Files named ``bench_*.py`` are collected as test modules, so
-  ``pytest benchmarks/ --benchmark-only`` finds them without changing the project's
-  ``python_files`` setting.
-* Without a GPU, Triton kernels run through Triton's CPU interpreter, which must be
-  switched on before triton is imported; set it here, first thing.
+Without a GPU the Triton kernels run through Triton's CPU interpreter, which must be
+switched on before triton is imported; set it here, first thing. Benchmark files are
+named ``bench_*.py``; the hook below collects them (pytest's default pattern is
+``test_*.py``).
 """
 import os
 
@@ -16,5 +15,7 @@ import pytest  # noqa: E402
 
 def pytest_collect_file(file_path, parent):
     if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+        if parent.session.isinitpath(file_path):
+            return None  # named on the command line: pytest collects it already
         return pytest.Module.from_parent(parent, path=file_path)
     return None
