@@ -12,13 +12,13 @@ import pytest
 import torch
 
 import vpeft_kernels as vk
-from vpeft_kernels import _backend, reference
+from vpeft_kernels import _triton_common
 
 adapter = pytest.importorskip("vpeft_kernels.adapter", reason="triton backend not importable")
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-INTERPRET = adapter._INTERPRET
+INTERPRET = _triton_common.INTERPRET
 needs_kernels = pytest.mark.skipif(not CUDA and not INTERPRET,
                                    reason="no CUDA device and TRITON_INTERPRET is not set")
 cuda_only = pytest.mark.skipif(not CUDA, reason="bf16 needs a CUDA device: Triton's CPU interpreter "
@@ -403,3 +403,26 @@ def test_kernels_compile_for_sm90():
     assert len(results) == 7
     too_big = [(name, dt, shared) for name, dt, _, shared in results if shared > 227 * 1024]
     assert not too_big, f"kernels over the H100 shared-memory limit: {too_big}"
+
+
+@needs_kernels
+@pytest.mark.parametrize("op", ["st", "msta"])
+def test_autocast_runs_in_the_autocast_dtype(op):
+    """fp32 parameters under autocast: the kernels run in the autocast dtype, not eager."""
+    device_type = "cuda" if CUDA else "cpu"
+    amp = torch.bfloat16 if CUDA else torch.float16  # bf16 is wrong in the CPU interpreter
+    t = 2
+    inputs = st_inputs(1, t, 5, 32, 16) if op == "st" else msta_inputs(1, t, 5, 32, 16)
+    fn = _st("triton", t) if op == "st" else _msta("triton", t)
+    name = "st_adapter" if op == "st" else "msta_adapter"
+    kw = dict(num_frames=t) if op == "st" else dict(scale=0.25, num_frames=t)
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    with torch.autocast(device_type, dtype=amp):
+        assert vk.chosen_backend(name, "triton", *leaves, **kw) == "triton"
+        out = fn(*leaves)
+    dy = torch.randn(out.shape, device=DEVICE).to(amp)
+    out.backward(dy)
+    low = _grads(fn, [x.to(amp) for x in inputs], dy)
+    assert out.dtype == amp and torch.equal(out.detach(), low[0])
+    for leaf, g_low in zip(leaves, low[1:]):
+        assert leaf.grad.dtype == torch.float32 and torch.equal(leaf.grad, g_low.float())

@@ -35,7 +35,7 @@ deterministic), and produces the input gradient with one more GEMM.
 Limits
 ------
 * All tensors of one call must share a device and a dtype (float32, float16,
-  bfloat16); mixed dtypes (e.g. fp32 weights under autocast) fall back to eager.
+  bfloat16); under autocast they are cast to the autocast dtype (``_triton_common``).
 * MSTA keeps the whole bottleneck on chip: r <= 128 in fp32, r <= 256 in 16-bit.
   ST-Adapter tiles r and takes any r.
 * The dropout mask is indexed by ``m*r + c`` in 32 bits: past 2**32 elements per call
@@ -46,7 +46,6 @@ Limits
 """
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -54,11 +53,10 @@ import triton
 import triton.language as tl
 
 from . import _backend
+from ._triton_common import autocast_dtype, cast_inputs, common_reasons, cuda_only
 
 Tensor = torch.Tensor
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The MSTA bottleneck kernels keep a (rows, r) tile and the whole shared weight Ws (r, r)
 # on chip; compiled for sm_90, r=256 needs ~148 KB of shared memory in 16-bit and ~290 KB
 # (more than an H100 has) in fp32, so fp32 stops at r=128.
@@ -700,8 +698,12 @@ _msta_adapter_op.register_autograd(_msta_autograd_backward, setup_context=_msta_
 
 
 def st_adapter_triton(x, w_down, b_down, w_conv, b_conv, w_up, b_up, *, num_frames):
-    """Triton ST-Adapter; same signature and numbers as :func:`reference.st_adapter`."""
-    return torch.ops.vpeft.st_adapter(x, w_down, b_down, w_conv, b_conv, w_up, b_up, int(num_frames))
+    """Triton ST-Adapter; same signature and numbers as :func:`reference.st_adapter`.
+
+    Under ``torch.autocast`` the inputs are cast to the autocast dtype first.
+    """
+    args = cast_inputs((x, w_down, b_down, w_conv, b_conv, w_up, b_up), x.device.type)
+    return torch.ops.vpeft.st_adapter(*args, int(num_frames))
 
 
 def msta_adapter_triton(u, w_down, b_down, w_shared, b_shared, w_up, b_up, w_tconv=None, b_tconv=None, *,
@@ -711,8 +713,11 @@ def msta_adapter_triton(u, w_down, b_down, w_shared, b_shared, w_up, b_up, w_tco
     With ``dropout_p > 0`` a 31-bit seed is drawn from torch's RNG on ``u``'s device
     (so ``torch.manual_seed`` makes runs repeatable); the kernel's Philox stream for
     that seed gives the mask, and backward regenerates it from the saved seed. The
-    mask differs from the one ``torch.nn.functional.dropout`` would draw.
+    mask differs from the one ``torch.nn.functional.dropout`` would draw. Under
+    ``torch.autocast`` the inputs are cast to the autocast dtype first.
     """
+    u, w_down, b_down, w_shared, b_shared, w_up, b_up, w_tconv, b_tconv = cast_inputs(
+        (u, w_down, b_down, w_shared, b_shared, w_up, b_up, w_tconv, b_tconv), u.device.type)
     p = float(dropout_p)
     if p > 0.0:
         seed = torch.randint(0, 2 ** 31 - 1, (1,), device=u.device, dtype=torch.int64)
@@ -748,53 +753,21 @@ def _keep_mask_kernel(seed_ptr, out_ptr, M, R, p_drop, BLOCK_M: tl.constexpr, BL
 # ------------------------------------------------------------ backend registration
 
 
-def _common_reasons(tensors) -> List[str]:
-    why = []
-    ts = [t for t in tensors if t is not None]
-    devices = {t.device for t in ts}
-    if len(devices) > 1:
-        why.append(f"tensors are on different devices: {sorted(str(d) for d in devices)}")
-    dtypes = {t.dtype for t in ts}
-    if len(dtypes) > 1:
-        why.append(f"tensors have mixed dtypes {sorted(str(d) for d in dtypes)}; the kernels need one dtype "
-                   "(under autocast the parameters stay float32: cast the module to the activation dtype "
-                   "to use the fused kernels)")
-    dev = ts[0].device
-    dtype = ts[0].dtype
-    if dtype not in _DTYPES:
-        why.append(f"dtype {dtype} is not supported (float32, float16, bfloat16)")
-    if dev.type == "cpu":
-        if not _INTERPRET:
-            why.append("CPU tensors run only in Triton's interpreter: set TRITON_INTERPRET=1 before triton "
-                       "is imported")
-        elif dtype == torch.bfloat16:
-            why.append("bfloat16 is not reliable in Triton's CPU interpreter; use float32/float16 or a GPU")
-    elif dev.type != "cuda":
-        why.append(f"device type {dev.type!r} is not supported (cuda, or cpu with TRITON_INTERPRET=1)")
-    return why
-
-
-def _not_cuda(*args, **kwargs) -> List[str]:
-    t = args[0]
-    if t.device.type != "cuda":
-        return [f"{t.device.type} tensors: the Triton interpreter runs only when backend='triton' is requested"]
-    return []
-
-
 def _st_reasons(x, w_down, b_down, w_conv, b_conv, w_up, b_up, *, num_frames) -> List[str]:
-    return _common_reasons((x, w_down, b_down, w_conv, b_conv, w_up, b_up))
+    return common_reasons((x, w_down, b_down, w_conv, b_conv, w_up, b_up))
 
 
 def _msta_reasons(u, w_down, b_down, w_shared, b_shared, w_up, b_up, w_tconv=None, b_tconv=None, *, scale,
                   num_frames=None, dropout_p=0.0) -> List[str]:
-    why = _common_reasons((u, w_down, b_down, w_shared, b_shared, w_up, b_up, w_tconv, b_tconv))
+    why = common_reasons((u, w_down, b_down, w_shared, b_shared, w_up, b_up, w_tconv, b_tconv))
     r = w_down.shape[0]
-    max_r = _MSTA_MAX_R.get(u.dtype, 0)
+    dtype = autocast_dtype(u.device.type) or u.dtype
+    max_r = _MSTA_MAX_R.get(dtype, 0)
     if max_r and r > max_r:
-        why.append(f"bottleneck r={r} is larger than {max_r} for {u.dtype}: the MSTA kernels keep the whole "
+        why.append(f"bottleneck r={r} is larger than {max_r} for {dtype}: the MSTA kernels keep the whole "
                    "(rows, r) tile and the shared (r, r) weight on chip")
     return why
 
 
-_backend.register("st_adapter", "triton", st_adapter_triton, reasons=_st_reasons, auto_reasons=_not_cuda)
-_backend.register("msta_adapter", "triton", msta_adapter_triton, reasons=_msta_reasons, auto_reasons=_not_cuda)
+_backend.register("st_adapter", "triton", st_adapter_triton, reasons=_st_reasons, auto_reasons=cuda_only)
+_backend.register("msta_adapter", "triton", msta_adapter_triton, reasons=_msta_reasons, auto_reasons=cuda_only)

@@ -37,7 +37,6 @@ before triton is imported) only when ``backend="triton"`` is asked for.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -46,11 +45,11 @@ import triton
 import triton.language as tl
 
 from . import _backend
+from ._triton_common import INTERPRET as _INTERPRET, cast_inputs, common_reasons, cuda_only
 
 __all__ = ["token_shift_attention_triton", "attention_core", "SUPPORTED_HEAD_DIMS"]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Block sizes. The interpreter costs about the same per program instance whatever the
 # block size, and it cannot autotune over several configs without a GPU, so it gets one
@@ -502,16 +501,6 @@ _fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------- backend
 
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The dtype autocast would run matmuls in on this device, or None when it is off."""
-    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
 def token_shift_attention_triton(s, c, pos, ln_weight, ln_bias, w_qkv, b_qkv, w_out, b_out, *,
                                  num_frames, num_heads, eps=1e-5):
     """Backend ``"triton"`` of :func:`vpeft_kernels.token_shift_attention` (same signature).
@@ -520,44 +509,14 @@ def token_shift_attention_triton(s, c, pos, ln_weight, ln_bias, w_qkv, b_qkv, w_
     for a matmul; the casts are differentiable, so gradients reach the inputs in their
     own dtypes) and the op itself runs with autocast off, all in that one dtype.
     """
-    amp = _autocast_dtype(s.device.type)
-
-    def prep(t):
-        if t is None:
-            return None
-        return (t if amp is None else t.to(amp)).contiguous()
-
-    args = [prep(t) for t in (s, c, pos, ln_weight, ln_bias, w_qkv, b_qkv, w_out, b_out)]
+    args = cast_inputs((s, c, pos, ln_weight, ln_bias, w_qkv, b_qkv, w_out, b_out), s.device.type)
     out = torch.ops.vpeft.token_shift_attention_fwd(*args, int(num_frames), int(num_heads), float(eps))
     return out[0]
 
 
 def _reasons(s, c, pos, ln_weight, ln_bias, w_qkv, b_qkv, w_out, b_out, *, num_frames, num_heads,
              eps=1e-5) -> List[str]:
-    why = []
-    tensors = [t for t in (s, c, pos, ln_weight, ln_bias, w_qkv, b_qkv, w_out, b_out) if t is not None]
-    devices = {t.device for t in tensors}
-    dtypes = {t.dtype for t in tensors}
-    amp = _autocast_dtype(s.device.type)
-    if len(devices) > 1:
-        why.append(f"all tensors must be on one device, got {sorted(str(x) for x in devices)}")
-    if not dtypes <= set(_FLOATS):
-        why.append(f"dtypes {sorted(str(x) for x in dtypes - set(_FLOATS))} are not supported "
-                   "(float16, bfloat16, float32)")
-    elif amp is None and len(dtypes) > 1:
-        why.append(f"all tensors must share one dtype (or run under autocast), got "
-                   f"{sorted(str(x) for x in dtypes)}")
-    dtype = amp if amp is not None else s.dtype
-    dev = s.device.type
-    if dev == "cpu":
-        if not _INTERPRET:
-            why.append("CPU tensors run only through Triton's interpreter: set TRITON_INTERPRET=1 "
-                       "before triton is imported")
-        elif dtype == torch.bfloat16:
-            why.append("bfloat16 is not computed correctly by Triton's CPU interpreter"
-                       + (" (it is the autocast dtype here)" if amp is not None else ""))
-    elif dev != "cuda":
-        why.append(f"device type {dev!r} is not supported (cuda, or cpu through the interpreter)")
+    why = common_reasons((s, c, pos, ln_weight, ln_bias, w_qkv, b_qkv, w_out, b_out))
     d = s.shape[-1]
     if num_heads and d % num_heads == 0 and d // num_heads not in SUPPORTED_HEAD_DIMS:
         why.append(f"head dim {d // num_heads} is not one of {SUPPORTED_HEAD_DIMS}")
@@ -566,12 +525,5 @@ def _reasons(s, c, pos, ln_weight, ln_bias, w_qkv, b_qkv, w_out, b_out, *, num_f
     return why
 
 
-def _auto_reasons(s, *args, **kwargs) -> List[str]:
-    if s.device.type != "cuda":
-        return ["auto picks the Triton kernels only for CUDA tensors (on CPU they run through "
-                "the interpreter when backend='triton' is asked for)"]
-    return []
-
-
 _backend.register("token_shift_attention", "triton", token_shift_attention_triton,
-                  reasons=_reasons, auto_reasons=_auto_reasons)
+                  reasons=_reasons, auto_reasons=cuda_only)
