@@ -1,0 +1,235 @@
+"""Side4Video (METHODS.md section 3): a side network fed by multi-level backbone features.
+
+The backbone runs without an autograd graph; the side network reads chosen layers'
+token features through the ladder projection, keeps its own patch tokens (no
+[CLS]), mixes time with a depthwise temporal conv, and lets each frame's patches
+attend to a [CLS] token shifted in from the neighbouring frames.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import vpeft_kernels
+from vpeft_kernels.reference import temporal_taps
+
+HEAD_DIM = 64
+
+
+def ladder_layers(backbone_layers: int, side_layers: int) -> List[int]:
+    """0-based backbone layers read by the side blocks.
+
+    ``side_layers == backbone_layers`` uses every layer; fewer side blocks read every
+    ``backbone_layers // side_layers``-th layer ending at the last one (for half as
+    many: 1, 3, 5, ... 0-based).
+    """
+    if side_layers < 1 or side_layers > backbone_layers:
+        raise ValueError(f"side_layers={side_layers} must be between 1 and the backbone depth {backbone_layers}")
+    if backbone_layers % side_layers:
+        raise ValueError(f"side_layers={side_layers} must divide the backbone depth {backbone_layers}")
+    step = backbone_layers // side_layers
+    return [(i + 1) * step - 1 for i in range(side_layers)]
+
+
+class TokenBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over the channel (last) dim of tokens ``(..., d)``.
+
+    Same statistics and parameters as ``BatchNorm3d`` on the ``(B, d, T, H, W)`` view.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        return super().forward(x.reshape(-1, shape[-1])).reshape(shape)
+
+
+class TemporalTaps(nn.Module):
+    """Depthwise 3-tap temporal conv with bias on ``(B*T, N, C)`` tokens (a Conv3d(C, C, (3,1,1), groups=C))."""
+
+    def __init__(self, channels: int, num_frames: int):
+        super().__init__()
+        self.num_frames = num_frames
+        self.weight = nn.Parameter(torch.empty(channels, 3))
+        self.bias = nn.Parameter(torch.empty(channels))
+        bound = 1.0 / math.sqrt(3.0)  # Conv3d's default: fan_in = 1 * 3 * 1 * 1
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bt, n, c = x.shape
+        h = x.reshape(bt // self.num_frames, self.num_frames, n, c)
+        return temporal_taps(h, self.weight, self.bias).reshape(bt, n, c)
+
+
+class SideStem(nn.Module):
+    """``BN3d(Conv3d(3 -> d, (3, p, p), stride (1, p, p), padding (1, 0, 0)))`` -> ``(B*T, N, d)``."""
+
+    def __init__(self, width: int, patch_size: int, in_chans: int = 3):
+        super().__init__()
+        self.conv = nn.Conv3d(in_chans, width, (3, patch_size, patch_size), stride=(1, patch_size, patch_size),
+                              padding=(1, 0, 0))
+        self.norm = nn.BatchNorm3d(width)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        """``video`` ``(B, 3, T, H, W)`` -> ``(B*T, N, d)``."""
+        x = self.norm(self.conv(video))                         # (B, d, T, h, w)
+        b, d, t = x.shape[:3]
+        return x.flatten(3).permute(0, 2, 3, 1).reshape(b * t, -1, d)
+
+
+class LadderProjection(nn.Module):
+    """Per-level LayerNorm and Linear from backbone width ``D`` to side width ``d``.
+
+    ``norm="pre"``: ``Linear(LN_D(z))`` (CLIP); ``norm="post"``: ``LN_d(Linear(z))`` (EVA).
+    Parameters are stacked over levels so the fused op sees them as one tensor each.
+    """
+
+    def __init__(self, levels: int, backbone_width: int, side_width: int, norm: str = "pre"):
+        super().__init__()
+        if norm not in ("pre", "post"):
+            raise ValueError(f"norm must be 'pre' or 'post', got {norm!r}")
+        self.norm = norm
+        ln_dim = backbone_width if norm == "pre" else side_width
+        self.ln_weight = nn.Parameter(torch.ones(levels, ln_dim))
+        self.ln_bias = nn.Parameter(torch.zeros(levels, ln_dim))
+        self.weight = nn.Parameter(torch.empty(levels, side_width, backbone_width))
+        self.bias = nn.Parameter(torch.empty(levels, side_width))
+        bound = 1.0 / math.sqrt(backbone_width)  # nn.Linear's default init, per level
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``L`` tensors ``(..., D)`` -> ``(L, ..., d)``."""
+        return vpeft_kernels.ladder_projection(list(features), self.ln_weight, self.ln_bias, self.weight,
+                                               self.bias, norm=self.norm)
+
+
+class SideBlock(nn.Module):
+    """One side block: temporal conv, [CLS] token-shift attention, MLP.
+
+    Pre-norm (CLIP): ``s += pw2(dw_t(pw1(BN(s))))``; ``s += MHA(LN(...))``;
+    ``s += fc2(gelu(fc1(BN(s))))``. Post-norm (EVA): ``s += BN(conv(s))``;
+    ``s += LN(attn(...))``; ``s += BN(mlp(s))``, each sub-block optionally under
+    activation checkpointing. Heads of width 64.
+    """
+
+    def __init__(self, width: int, num_frames: int, post_norm: bool = False, mlp_ratio: float = 4.0,
+                 checkpointing: bool = False):
+        super().__init__()
+        if width % HEAD_DIM:
+            raise ValueError(f"side_width={width} must be a multiple of {HEAD_DIM} (attention head width)")
+        self.num_frames = num_frames
+        self.num_heads = width // HEAD_DIM
+        self.post_norm = post_norm
+        self.checkpointing = checkpointing
+        hidden = int(width * mlp_ratio)
+        self.conv_norm = TokenBatchNorm(width)
+        self.pw1 = nn.Linear(width, width)
+        self.dw = TemporalTaps(width, num_frames)
+        self.pw2 = nn.Linear(width, width)
+        self.attn_norm = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.mlp_norm = TokenBatchNorm(width)
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def _conv(self, s):
+        if self.post_norm:
+            return self.conv_norm(self.pw2(self.dw(self.pw1(s))))
+        return self.pw2(self.dw(self.pw1(self.conv_norm(s))))
+
+    def _attn(self, s, c, pos):
+        ln_w, ln_b = (None, None) if self.post_norm else (self.attn_norm.weight, self.attn_norm.bias)
+        a = vpeft_kernels.token_shift_attention(
+            s, c, pos, ln_w, ln_b, self.qkv.weight, self.qkv.bias, self.out.weight, self.out.bias,
+            num_frames=self.num_frames, num_heads=self.num_heads, eps=self.attn_norm.eps)
+        return self.attn_norm(a) if self.post_norm else a
+
+    def _mlp(self, s):
+        if self.post_norm:
+            return self.mlp_norm(self.fc2(F.gelu(self.fc1(s))))
+        return self.fc2(F.gelu(self.fc1(self.mlp_norm(s))))
+
+    def _run(self, fn, *args):
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def forward(self, s: torch.Tensor, c: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """``s`` ``(B*T, N, d)`` side tokens, ``c`` ``(B*T, d)`` projected [CLS], ``pos`` ``(N, d)``."""
+        s = s + self._run(self._conv, s)
+        s = s + self._run(self._attn, s, c, pos)
+        return s + self._run(self._mlp, s)
+
+
+class SideNetwork(nn.Module):
+    """The Side4Video side network (stem, position embedding, ladder, side blocks).
+
+    Args:
+        backbone_width, backbone_layers: ``D`` and ``L`` of the frozen vision tower.
+        side_width, side_layers: ``d`` and ``l``.
+        num_frames: ``T``. patch_size: the backbone's patch size. num_patches: ``N``.
+        post_norm: post-norm side blocks and ``Linear -> LN`` ladder (EVA).
+        fusion: ``"mean"`` (released code: ``0.5 s + 0.5 u``) or ``"sum"`` (paper Eq. 2).
+        pos_std: init std of the position embedding (0.01 CLIP, 0.02 EVA).
+        checkpointing: activation checkpointing of side sub-blocks.
+    """
+
+    def __init__(self, backbone_width: int, backbone_layers: int, side_width: int = 320, side_layers: int = 12,
+                 num_frames: int = 8, patch_size: int = 16, num_patches: int = 196, post_norm: bool = False,
+                 fusion: str = "mean", pos_std: Optional[float] = None, checkpointing: bool = False):
+        super().__init__()
+        if fusion not in ("mean", "sum"):
+            raise ValueError(f"fusion must be 'mean' or 'sum', got {fusion!r}")
+        self.layer_ids = ladder_layers(backbone_layers, side_layers)
+        self.fusion = fusion
+        self.num_frames = num_frames
+        self.stem = SideStem(side_width, patch_size)
+        self.pos = nn.Parameter(torch.randn(num_patches, side_width) * (pos_std or (0.02 if post_norm else 0.01)))
+        self.ladder = LadderProjection(side_layers, backbone_width, side_width, "post" if post_norm else "pre")
+        self.blocks = nn.ModuleList(
+            SideBlock(side_width, num_frames, post_norm=post_norm, checkpointing=checkpointing)
+            for _ in range(side_layers))
+
+    def forward(self, video: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``video`` ``(B, 3, T, H, W)``; ``features[i]`` ``(B*T, 1+N, D)`` is the output of
+        backbone layer ``layer_ids[i]``. Returns side tokens ``(B*T, N, d)``."""
+        if len(features) != len(self.blocks):
+            raise ValueError(f"expected {len(self.blocks)} ladder features, got {len(features)}")
+        u = self.ladder(features)                               # (l, B*T, 1+N, d)
+        s = self.stem(video)
+        if s.shape[1] != self.pos.shape[0]:
+            raise ValueError(f"stem produced {s.shape[1]} patches per frame, expected {self.pos.shape[0]}")
+        for i, block in enumerate(self.blocks):
+            patches = u[i, :, 1:].to(s.dtype)
+            s = 0.5 * s + 0.5 * patches if self.fusion == "mean" else s + patches
+            s = block(s, u[i, :, 0].to(s.dtype), self.pos.to(s.dtype))
+        return s
+
+
+class SideHead(nn.Module):
+    """Recognition head: ``BN3d``, mean over ``T*N``, dropout, ``Linear(d -> classes)``.
+
+    With ``num_classes=None`` only the pooled features are offered (no classifier).
+    """
+
+    def __init__(self, width: int, num_classes: Optional[int] = None, dropout: float = 0.5, num_frames: int = 8):
+        super().__init__()
+        self.num_frames = num_frames
+        self.norm = TokenBatchNorm(width)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(width, num_classes) if num_classes else None
+
+    def features(self, s: torch.Tensor) -> torch.Tensor:
+        """``(B*T, N, d)`` -> ``(B, d)``."""
+        x = self.norm(s)
+        bt, n, d = x.shape
+        return x.reshape(bt // self.num_frames, self.num_frames * n, d).mean(1)
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(self.features(s)))

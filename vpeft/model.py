@@ -1,0 +1,318 @@
+"""Drop-in adaptation of an open_clip model to video: :func:`adapt` and :class:`VideoModel`."""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Mapping, Optional, Set, Tuple
+
+import torch
+import torch.nn as nn
+
+from .backbones.towers import TextTower, VisionTower, text_tower, vision_tower
+from .methods.msta import FusedMSTA, MSTABlock
+from .methods.side4video import SideHead, SideNetwork
+from .methods.st_adapter import PRESETS, STAdapter, STAdapterBlock
+
+METHODS = ("linear_probe", "full_finetune", "st_adapter", "msta", "side4video")
+
+_OPTIONS: Dict[str, Set[str]] = {
+    "linear_probe": {"dropout"},
+    "full_finetune": {"dropout"},
+    "st_adapter": {"preset", "bottleneck", "dropout"},
+    "msta": {"bottleneck", "layers", "scale", "adapter_dropout", "text", "dropout"},
+    "side4video": {"side_width", "side_layers", "fusion", "norm", "checkpointing", "pos_std", "dropout"},
+}
+
+
+class ClassifierHead(nn.Module):
+    """Dropout then ``Linear(D -> classes)`` on the pooled, normalised [CLS] feature."""
+
+    def __init__(self, width: int, num_classes: int, dropout: float = 0.5):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(x))
+
+
+class VideoModel(nn.Module):
+    """An open_clip model adapted to video by one parameter-efficient method.
+
+    Built by :func:`adapt`. Video is ``(B, T, 3, H, W)`` with ``T == num_frames``.
+    The backbone's own parameters are frozen (except for ``full_finetune``) and its
+    modules stay in eval mode; for ``side4video`` and ``linear_probe`` the backbone
+    runs with no autograd graph at all.
+
+    Attributes:
+        backbone: the user's model, modified in place (adapted blocks are wrapped).
+        method: one of :data:`METHODS`. num_frames: ``T``. num_classes: or None.
+        msta: the :class:`FusedMSTA` layers (``msta``). side: the :class:`SideNetwork`
+        (``side4video``). head: the classifier, when ``num_classes`` is set (for
+        ``side4video`` always a :class:`SideHead`, whose pooling defines the video
+        feature).
+    """
+
+    def __init__(self, backbone: nn.Module, method: str, num_frames: int, num_classes: Optional[int],
+                 tower: VisionTower, text: Optional[TextTower], *, msta: Optional[nn.ModuleList] = None,
+                 side: Optional[SideNetwork] = None, head: Optional[nn.Module] = None):
+        super().__init__()
+        self.backbone = backbone
+        self.method = method
+        self.num_frames = num_frames
+        self.num_classes = num_classes
+        object.__setattr__(self, "tower", tower)
+        object.__setattr__(self, "text_tower", text)
+        self.msta = msta
+        self.side = side
+        self.head = head
+        self.train(False)
+
+    # ------------------------------------------------------------------ modes
+    def train(self, mode: bool = True):
+        """Set train mode on the trained parts; frozen backbone modules stay in eval."""
+        super().train(mode)
+        if self.method != "full_finetune":
+            ours = {id(m) for part in self._trained_modules() for m in part.modules()}
+            for m in self.backbone.modules():
+                if id(m) not in ours:
+                    m.training = False
+        return self
+
+    def _trained_modules(self) -> Iterable[nn.Module]:
+        for m in self.backbone.modules():
+            if isinstance(m, STAdapter):
+                yield m
+        for part in (self.msta, self.side, self.head):
+            if part is not None:
+                yield part
+
+    # ------------------------------------------------------------------ input
+    def _check_video(self, video: torch.Tensor) -> torch.Tensor:
+        if not isinstance(video, torch.Tensor) or video.dim() != 5:
+            shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
+            raise ValueError(f"video must be a 5-D tensor (B, T, 3, H, W), got {shape}")
+        b, t, c, h, w = video.shape
+        if t != self.num_frames:
+            raise ValueError(f"video has T={t} frames, expected num_frames={self.num_frames} (shape (B, T, 3, H, W))")
+        if c != 3:
+            raise ValueError(f"video has {c} channels, expected 3 (shape (B, T, 3, H, W))")
+        if (h, w) != tuple(self.tower.image_size):
+            raise ValueError(f"video frames are {h}x{w}, expected {self.tower.image_size[0]}x"
+                             f"{self.tower.image_size[1]} for this backbone")
+        p = next(self.backbone.parameters())
+        return video.to(device=p.device, dtype=p.dtype)
+
+    # ------------------------------------------------------------------ towers
+    def _tokens(self, frames: torch.Tensor, stop_after: Optional[int] = None, keep: Tuple[int, ...] = ()):
+        """Run the vision tower per frame; return final tokens and the kept layers' outputs."""
+        x, kw = self.tower.embed(frames)
+        kept = []
+        last = self.tower.depth - 1 if stop_after is None else stop_after
+        for i in range(last + 1):
+            x = self.tower.blocks[i](x, **kw)
+            if i in keep:
+                kept.append(x)
+        return x, kept
+
+    def _pooled(self, video: torch.Tensor) -> torch.Tensor:
+        """``(B, D)``: per-frame [CLS] averaged over T, then the tower's final norm."""
+        b, t = video.shape[:2]
+        frames = video.flatten(0, 1)
+        if self.method == "linear_probe":
+            with torch.no_grad():
+                x, _ = self._tokens(frames)
+        else:
+            x, _ = self._tokens(frames)
+        cls = x[:, 0].reshape(b, t, -1).mean(1)
+        return self.tower.final_norm(cls)
+
+    def _side_tokens(self, video: torch.Tensor) -> torch.Tensor:
+        ids = tuple(self.side.layer_ids)
+        with torch.no_grad():
+            _, feats = self._tokens(video.flatten(0, 1), stop_after=ids[-1], keep=ids)
+        return self.side(video.transpose(1, 2), feats)
+
+    # ------------------------------------------------------------------ API
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes)``, or :meth:`encode_video` when there is no classifier."""
+        if self.num_classes is None:
+            return self.encode_video(video)
+        video = self._check_video(video)
+        if self.method == "side4video":
+            return self.head(self._side_tokens(video))
+        return self.head(self._pooled(video))
+
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """Video embedding ``(B, E)``.
+
+        For the backbone-based methods: the pooled [CLS] feature through the tower's
+        projection (the joint image-text space). For ``side4video``: the side
+        network's pooled feature ``(B, d)`` (its own space; no projection).
+        """
+        video = self._check_video(video)
+        if self.method == "side4video":
+            return self.head.features(self._side_tokens(video))
+        return self.tower.project(self._pooled(video))
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        """Text embedding from the backbone's text tower (with MSTA's text adapters if any)."""
+        if not hasattr(self.backbone, "encode_text"):
+            raise ValueError(f"{type(self.backbone).__name__} has no text tower (encode_text)")
+        return self.backbone.encode_text(text)
+
+    # ------------------------------------------------------------------ parameters
+    def num_trainable_parameters(self, include_head: bool = True) -> int:
+        """Number of trainable parameter elements (each shared tensor counted once)."""
+        skip = {id(p) for p in self.head.parameters()} if (self.head is not None and not include_head) else set()
+        return sum(p.numel() for p in self.parameters() if p.requires_grad and id(p) not in skip)
+
+    def print_trainable_parameters(self) -> None:
+        """Print trainable and total parameter counts."""
+        total = sum(p.numel() for p in self.parameters())
+        trained = self.num_trainable_parameters()
+        print(f"{self.method}: {trained:,} trainable parameters of {total:,} "
+              f"({100.0 * trained / max(total, 1):.3f}%)")
+
+    def _trained_keys(self) -> Set[str]:
+        owners: Dict[str, bool] = {}
+        for name, mod in self.named_modules():
+            owners[name] = any(p.requires_grad for p in mod.parameters(recurse=False))
+        keys = set()
+        for key in self.state_dict().keys():
+            owner = key.rsplit(".", 1)[0] if "." in key else ""
+            if owners.get(owner, False):
+                keys.add(key)
+        return keys
+
+    def adapter_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Only the trained weights (adapters, side network, head, and their buffers)."""
+        keys = self._trained_keys()
+        return {k: v for k, v in self.state_dict().items() if k in keys}
+
+    def load_adapter_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
+        """Load weights saved by :meth:`adapter_state_dict`.
+
+        With ``strict``, the keys must be exactly this model's trained keys; a mismatch
+        raises a ValueError naming the missing and unexpected keys.
+        """
+        keys = self._trained_keys()
+        missing = sorted(keys - set(state_dict))
+        unexpected = sorted(set(state_dict) - keys)
+        if strict and (missing or unexpected):
+            raise ValueError(f"adapter state dict does not match this {self.method} model: "
+                             f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+        own = self.state_dict()
+        for k, v in state_dict.items():
+            if k in own and tuple(own[k].shape) != tuple(v.shape):
+                raise ValueError(f"{k} has shape {tuple(v.shape)} in the state dict, expected {tuple(own[k].shape)}")
+        self.load_state_dict({k: v for k, v in state_dict.items() if k in keys}, strict=False)
+        return self
+
+
+def _check_layers(layers, depth_v: int, depth_t: Optional[int]) -> Tuple[int, int]:
+    if (not isinstance(layers, (tuple, list)) or len(layers) != 2
+            or not all(isinstance(i, int) for i in layers)):
+        raise ValueError(f"layers must be a (first, last) pair of 1-based ints, got {layers!r}")
+    first, last = layers
+    depth = depth_v if depth_t is None else min(depth_v, depth_t)
+    if not 1 <= first <= last <= depth:
+        where = f"vision depth {depth_v}" + ("" if depth_t is None else f", text depth {depth_t}")
+        raise ValueError(f"layers={tuple(layers)} is outside the model: expected 1 <= first <= last <= {depth} "
+                         f"({where})")
+    return first, last
+
+
+def adapt(model: nn.Module, method: str, *, num_frames: int, num_classes: Optional[int] = None,
+          **options) -> VideoModel:
+    """Adapt an open_clip model (``open_clip.create_model(...)``) to video, in place.
+
+    Args:
+        model: an open_clip model with a native ViT or timm EVA vision tower.
+        method: ``linear_probe``, ``full_finetune``, ``st_adapter``, ``msta`` or ``side4video``.
+        num_frames: ``T``, the number of frames every clip has.
+        num_classes: add a classifier with this many classes (None: embeddings only).
+        **options: per method
+            - all: ``dropout`` (classifier dropout, 0.5).
+            - ``st_adapter``: ``preset`` ``"12x384"`` (before each MLP) or ``"24x384"``
+              (before attention and MLP), ``bottleneck`` (overrides r = 384).
+            - ``msta``: ``bottleneck`` (128), ``layers`` (1-based inclusive range applied to
+              both towers, default the last five vision layers), ``scale`` (0.005),
+              ``adapter_dropout`` (0.1), ``text`` (adapt the text tower, default True when
+              there is one).
+            - ``side4video``: ``side_width`` (320), ``side_layers`` (default the backbone
+              depth; must divide it), ``fusion`` (``"mean"``/``"sum"``), ``norm``
+              (``"pre"``/``"post"``, default from the backbone), ``checkpointing``,
+              ``pos_std``.
+
+    Returns:
+        a :class:`VideoModel` that owns ``model``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    unknown = sorted(set(options) - _OPTIONS[method])
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method {method!r}; "
+                         f"expected some of {sorted(_OPTIONS[method])}")
+    if not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
+    if any(isinstance(m, (STAdapterBlock, MSTABlock)) for m in model.modules()):
+        raise ValueError("this model has already been adapted by vpeft; build a fresh model")
+    tower = vision_tower(model)
+    text = text_tower(model)
+    p = next(model.parameters())
+    factory = dict(dtype=p.dtype)  # new modules are built on the backbone's device (see below)
+    dropout = float(options.get("dropout", 0.5))
+
+    model.requires_grad_(method == "full_finetune")
+    with torch.device(p.device):
+        return _build(model, method, num_frames, num_classes, tower, text, factory, dropout, options)
+
+
+def _build(model, method, num_frames, num_classes, tower, text, factory, dropout, options) -> VideoModel:
+    msta = side = head = None
+
+    if method == "st_adapter":
+        preset = options.get("preset", "12x384")
+        if preset not in PRESETS:
+            raise ValueError(f"unknown ST-Adapter preset {preset!r}; expected one of {tuple(PRESETS)}")
+        r = int(options.get("bottleneck", 384))
+        where = PRESETS[preset]
+        for i, blk in enumerate(tower.blocks):
+            a_attn = STAdapter(tower.width, r, num_frames).to(**factory) if "attn" in where else None
+            a_mlp = STAdapter(tower.width, r, num_frames).to(**factory) if "mlp" in where else None
+            tower.blocks[i] = STAdapterBlock(blk, tower.ops, a_attn, a_mlp)
+    elif method == "msta":
+        use_text = options.get("text", text is not None)
+        if use_text and text is None:
+            raise ValueError("text=True but this model has no text tower")
+        t = text if use_text else None
+        default = (max(1, tower.depth - 4), tower.depth)
+        first, last = _check_layers(options.get("layers", default), tower.depth, t.blocks.__len__() if t else None)
+        r = int(options.get("bottleneck", 128))
+        msta = nn.ModuleList()
+        for i in range(first - 1, last):
+            m = FusedMSTA(tower.width, t.width if t else None, r, num_frames,
+                          scale=float(options.get("scale", 0.005)),
+                          dropout=float(options.get("adapter_dropout", 0.1))).to(**factory)
+            msta.append(m)
+            tower.blocks[i] = MSTABlock(tower.blocks[i], tower.ops, m, "vision")
+            if t is not None:
+                t.blocks[i] = MSTABlock(t.blocks[i], t.ops, m, "text")
+    elif method == "side4video":
+        norm = options.get("norm", "post" if tower.post_norm else "pre")
+        if norm not in ("pre", "post"):
+            raise ValueError(f"norm must be 'pre' or 'post', got {norm!r}")
+        if tower.patch_size[0] != tower.patch_size[1]:
+            raise ValueError(f"side4video needs square patches, got {tower.patch_size}")
+        side = SideNetwork(tower.width, tower.depth, int(options.get("side_width", 320)),
+                           int(options.get("side_layers", tower.depth)), num_frames, tower.patch_size[0],
+                           tower.num_patches, post_norm=(norm == "post"), fusion=options.get("fusion", "mean"),
+                           pos_std=options.get("pos_std"),
+                           checkpointing=bool(options.get("checkpointing", False))).to(**factory)
+        head = SideHead(side.pos.shape[1], num_classes, dropout, num_frames).to(**factory)
+
+    if head is None and num_classes is not None:
+        head = ClassifierHead(tower.width, num_classes, dropout).to(**factory)
+    return VideoModel(model, method, num_frames, num_classes, tower, text, msta=msta, side=side, head=head)
