@@ -83,6 +83,8 @@ def environment(command: str) -> Dict[str, object]:
         "command": command,
         "git_commit": git_commit(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "cpu_threads": torch.get_num_threads(),
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "VPEFT_BACKEND": os.environ.get("VPEFT_BACKEND"),
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
     }

@@ -93,11 +93,19 @@ def is_cpu(data: dict) -> bool:
     return any(r.get("device_type") == "cpu" for r in data.get("records", []))
 
 
-def cpu_label() -> str:
-    return ("**CPU run on tiny random backbones** (tiny-vit: 6x128 ViT at 32 px; tiny-eva: 4x192 post-norm EVA "
+def _all_eager(data: dict) -> bool:
+    return all(set(b) <= {"eager"} for r in data.get("records", []) for b in (r.get("op_backends") or {}).values())
+
+
+def cpu_label(data: Optional[dict] = None) -> str:
+    text = ("**CPU run on tiny random backbones** (tiny-vit: 6x128 ViT at 32 px; tiny-eva: 4x192 post-norm EVA "
             "at 56 px). These numbers check that the suite works; they are not comparable to the papers or "
             "to any GPU result. Peak memory is not measured on the CPU (n/m): the CUDA allocator's "
             "statistics are the memory measurement.")
+    if data is not None and _all_eager(data):
+        text += (" No fused backend ran in this run, so the 'fused' rows ran the same eager ops as the "
+                 "'eager' rows (see 'ops ran on'): their differences in clips/s are timing noise.")
+    return text
 
 
 def device_markdown(data: dict) -> str:
@@ -106,13 +114,13 @@ def device_markdown(data: dict) -> str:
     env = data.get("env", {})
     lines = [f"# End-to-end training step: {env.get('device', '?')}", ""]
     if is_cpu(data):
-        lines += [cpu_label(), ""]
+        lines += [cpu_label(data), ""]
     lines += ["One full training step (forward, backward, AdamW) on synthetic clips, all in "
               f"{recs[0]['dtype'] if recs else 'bf16'}; clips/s from the median step time. "
               "GB = 10^9 bytes. FLOPs per clip counted by `torch.utils.flop_counter` "
               "(forward + backward, eager ops).", ""]
     for k in ("command", "torch", "torch_cuda_build", "triton", "open_clip_torch", "timm", "flash_attn", "git_commit",
-              "date_utc"):
+              "date_utc", "cpu_threads", "load_average_1min"):
         lines.append(f"- {k}: `{env.get(k)}`")
     if env.get("vpeft_backends"):
         lines.append(f"- vpeft backends: `{env.get('vpeft_backends')}`")
@@ -256,7 +264,7 @@ def readme_section(root: Path = RESULTS) -> str:
         lines += ["", "Targets:"] + targets_markdown(data) + [""]
     if "cpu" in found:
         data = load("cpu", root)
-        lines += ["#### CPU (tiny backbones; not comparable)", "", cpu_label(), ""] + summary_markdown(data)
+        lines += ["#### CPU (tiny backbones; not comparable)", "", cpu_label(data), ""] + summary_markdown(data)
         lines += [""]
     lines += [END]
     return "\n".join(lines)
