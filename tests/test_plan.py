@@ -76,3 +76,25 @@ def test_add_plan_parser_for_the_cli():
     assert args.func is plan.run_plan and args.frames == 16 and args.budget == "24GiB"
     with pytest.raises(SystemExit):
         parser.parse_args(["plan", "--method", "nope", "--backbone", "ViT-B-16"])
+
+
+def test_real_oracle_recovers_from_out_of_memory_on_cpu(monkeypatch):
+    """The planner's own ``fits`` on a tiny model, with the allocator's OOM simulated for
+    batches above 3: the search ends at 3 and every probe leaves no gradient behind."""
+    from vpeft import profiling
+
+    real_call = profiling.TrainingStep.__call__
+
+    def call(self):
+        if self.video.shape[0] > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        real_call(self)
+
+    monkeypatch.setattr(profiling.TrainingStep, "__call__", call)
+    vm = profiling.build_case("side4video_light", "tiny-vit", 4, "cpu", torch.float32)
+    log = []
+    fits = plan.batch_fits(vm, 4, 32, "cpu", torch.float32, 8, log.append)
+    res = plan.largest_fitting_batch(fits, max_batch=64)
+    assert res.best == 3 and res.first_failure == 4
+    assert log == ["  batch 1: fits", "  batch 2: fits", "  batch 4: out of memory", "  batch 3: fits"]
+    assert all(p.grad is None for p in vm.parameters())

@@ -97,6 +97,43 @@ def largest_fitting_batch(fits: Callable[[int], bool], *, start: int = 1, max_ba
     return res
 
 
+def batch_fits(vm, frames: int, image_size: int, device, dtype, num_classes: int,
+               log: Callable[[str], None] = print) -> Callable[[int], bool]:
+    """The ``fits(batch)`` oracle of the search: two real training steps of ``vm`` at ``batch``.
+
+    Two steps, because the optimizer state is allocated in the first. An out-of-memory
+    error means "does not fit": everything the failed step held is released (gradients,
+    optimizer state, cached blocks) before the next probe. Other errors propagate.
+    """
+    from . import profiling
+
+    def fits(batch: int) -> bool:
+        step = None
+        ok = True
+        try:
+            step = profiling.TrainingStep(vm, batch, frames, image_size, device, dtype, num_classes)
+            step()
+            step()
+        except Exception as exc:  # noqa: BLE001
+            if not profiling.is_oom(exc):
+                raise
+            ok = False
+        finally:
+            step = None
+            vm.zero_grad(set_to_none=True)
+            profiling.release(torch_device(device))
+        log(f"  batch {batch}: {'fits' if ok else 'out of memory'}")
+        return ok
+
+    return fits
+
+
+def torch_device(device):
+    import torch
+
+    return torch.device(device)
+
+
 def _require_cuda():
     import torch
 
@@ -147,26 +184,7 @@ def plan(method: str, backbone: str, frames: int, budget_bytes: float, *, max_ba
             profiling.release(device)
             raise PlanError(f"the frozen model alone does not fit in {budget_bytes / GB:.1f} GB")
 
-        def fits(batch: int) -> bool:
-            step = None
-            ok = True
-            try:
-                step = profiling.TrainingStep(vm, batch, frames, spec.image_size, device, tdtype, spec.num_classes)
-                step()
-                step()  # the second step has the optimizer state allocated
-            except Exception as exc:  # noqa: BLE001
-                if not profiling.is_oom(exc):
-                    raise
-                ok = False
-            finally:
-                if step is not None:
-                    step.optimizer.zero_grad(set_to_none=True)
-                step = None
-                vm.zero_grad(set_to_none=True)
-                profiling.release(device)
-            log(f"  batch {batch}: {'fits' if ok else 'out of memory'}")
-            return ok
-
+        fits = batch_fits(vm, frames, spec.image_size, device, tdtype, spec.num_classes, log)
         search = largest_fitting_batch(fits, start=start, max_batch=max_batch)
         vm = None
         profiling.release(device)
@@ -207,7 +225,8 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     from .profiling import BACKBONES, METHOD_PRESETS
 
     p = subparsers.add_parser("plan", help="largest batch that trains within a GPU memory budget (measured)",
-                              description=__doc__.split("\n\n")[0])
+                              description="Find the largest batch that trains within a GPU memory budget, "
+                                          "by measurement, and report its memory and throughput.")
     p.add_argument("--method", required=True, choices=METHOD_PRESETS)
     p.add_argument("--backbone", required=True, choices=sorted(BACKBONES))
     p.add_argument("--frames", type=int, default=8)
