@@ -1,8 +1,9 @@
 """Helpers any benchmark can use: which machine this is, library versions, where results go,
 and merging records into a results JSON file.
 
-Results live under ``benchmarks/results/<device>/`` where ``<device>`` is a slug of the
-GPU name (``nvidia-h100-80gb-hbm3``) or ``cpu``. CPU results are labelled as such
+Results live under ``benchmarks/results/<device>/`` where ``<device>`` is the GPU name
+with runs of other characters than ``A-Za-z0-9._-`` replaced by ``-``
+(``NVIDIA-H100-80GB-HBM3``, as ``bench_token_shift_attention.py`` names it) or ``cpu``. CPU results are labelled as such
 everywhere they are written.
 """
 from __future__ import annotations
@@ -52,7 +53,7 @@ def device_slug() -> str:
     """Directory name of this machine's results: the slugged GPU name, or ``cpu``."""
     if not torch.cuda.is_available():
         return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", torch.cuda.get_device_name()).strip("-")
 
 
 def git_commit() -> Optional[str]:
