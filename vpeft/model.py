@@ -1,7 +1,7 @@
 """Drop-in adaptation of an open_clip model to video: :func:`adapt` and :class:`VideoModel`."""
 from __future__ import annotations
 
-from typing import Dict, Iterable, Mapping, Optional, Set, Tuple
+from typing import Dict, Iterable, Iterator, Mapping, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,7 @@ _OPTIONS: Dict[str, Set[str]] = {
     "full_finetune": {"dropout"},
     "st_adapter": {"preset", "bottleneck", "dropout"},
     "msta": {"bottleneck", "layers", "scale", "adapter_dropout", "text", "dropout"},
-    "side4video": {"side_width", "side_layers", "fusion", "norm", "checkpointing", "pos_std", "dropout"},
+    "side4video": {"side_width", "side_layers", "fusion", "norm", "checkpointing", "stream", "pos_std", "dropout"},
 }
 
 
@@ -64,6 +64,7 @@ class VideoModel(nn.Module):
         self.msta = msta
         self.side = side
         self.head = head
+        self.side_stream = False
         self.train(False)
 
     # ------------------------------------------------------------------ modes
@@ -125,10 +126,33 @@ class VideoModel(nn.Module):
         cls = x[:, 0].reshape(b, t, -1).mean(1)
         return self.tower.final_norm(cls)
 
-    def _side_tokens(self, video: torch.Tensor) -> torch.Tensor:
+    def _ladder_levels(self, frames: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Yield the ladder levels one by one, advancing the frozen tower only as far as needed.
+
+        Each step runs under ``no_grad``; the yield itself is outside it, so the
+        consumer's side blocks build their autograd graph normally. Between two yields
+        only the current token stream of the tower is alive here: the previous level
+        is released as soon as the consumer has projected it (autograd keeps what the
+        ladder's weight gradient needs; nothing else of the tower survives).
+        """
         ids = tuple(self.side.layer_ids)
         with torch.no_grad():
-            _, feats = self._tokens(video.flatten(0, 1), stop_after=ids[-1], keep=ids)
+            x, kw = self.tower.embed(frames)
+        done = 0
+        for target in ids:
+            with torch.no_grad():
+                while done <= target:
+                    x = self.tower.blocks[done](x, **kw)
+                    done += 1
+            yield x
+
+    def _side_tokens(self, video: torch.Tensor) -> torch.Tensor:
+        frames = video.flatten(0, 1)
+        if self.side_stream:
+            return self.side(video.transpose(1, 2), self._ladder_levels(frames))
+        ids = tuple(self.side.layer_ids)
+        with torch.no_grad():
+            _, feats = self._tokens(frames, stop_after=ids[-1], keep=ids)
         return self.side(video.transpose(1, 2), feats)
 
     # ------------------------------------------------------------------ API
@@ -315,4 +339,6 @@ def _build(model, method, num_frames, num_classes, tower, text, factory, dropout
 
     if head is None and num_classes is not None:
         head = ClassifierHead(tower.width, num_classes, dropout).to(**factory)
-    return VideoModel(model, method, num_frames, num_classes, tower, text, msta=msta, side=side, head=head)
+    vm = VideoModel(model, method, num_frames, num_classes, tower, text, msta=msta, side=side, head=head)
+    vm.side_stream = bool(options.get("stream", False)) and side is not None
+    return vm

@@ -8,7 +8,7 @@ attend to a [CLS] token shifted in from the neighbouring frames.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -107,6 +107,16 @@ class LadderProjection(nn.Module):
         return vpeft_kernels.ladder_projection(list(features), self.ln_weight, self.ln_bias, self.weight,
                                                self.bias, norm=self.norm)
 
+    def level(self, i: int, z: torch.Tensor) -> torch.Tensor:
+        """Project one level: ``z`` ``(..., D)`` through level ``i``'s norm and Linear -> ``(..., d)``.
+
+        Same op as :meth:`forward` on a one-level list (the parameters are sliced, so
+        gradients land in the same stacked tensors).
+        """
+        sl = slice(i, i + 1)
+        return vpeft_kernels.ladder_projection([z], self.ln_weight[sl], self.ln_bias[sl], self.weight[sl],
+                                               self.bias[sl], norm=self.norm)[0]
+
 
 class SideBlock(nn.Module):
     """One side block: temporal conv, [CLS] token-shift attention, MLP.
@@ -196,19 +206,40 @@ class SideNetwork(nn.Module):
             SideBlock(side_width, num_frames, post_norm=post_norm, checkpointing=checkpointing)
             for _ in range(side_layers))
 
-    def forward(self, video: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, video: torch.Tensor,
+                features: Union[Sequence[torch.Tensor], Iterable[torch.Tensor]]) -> torch.Tensor:
         """``video`` ``(B, 3, T, H, W)``; ``features[i]`` ``(B*T, 1+N, D)`` is the output of
-        backbone layer ``layer_ids[i]``. Returns side tokens ``(B*T, N, d)``."""
-        if len(features) != len(self.blocks):
-            raise ValueError(f"expected {len(self.blocks)} ladder features, got {len(features)}")
-        u = self.ladder(features)                               # (l, B*T, 1+N, d)
+        backbone layer ``layer_ids[i]``. Returns side tokens ``(B*T, N, d)``.
+
+        ``features`` is either a list/tuple of all levels (projected together by one
+        ladder call), or an iterator that yields them one at a time (streaming: each
+        level is projected and fused into its side block as soon as it arrives, so the
+        producer can advance the frozen tower lazily; see
+        :meth:`vpeft.model.VideoModel._side_tokens`). Both give the same result.
+        """
+        if isinstance(features, (list, tuple)):
+            if len(features) != len(self.blocks):
+                raise ValueError(f"expected {len(self.blocks)} ladder features, got {len(features)}")
+            u = self.ladder(features)                           # (l, B*T, 1+N, d)
+            levels = iter(u.unbind(0))
+            project = lambda i, z: z  # noqa: E731 - already projected
+        else:
+            levels = iter(features)
+            project = self.ladder.level
         s = self.stem(video)
         if s.shape[1] != self.pos.shape[0]:
             raise ValueError(f"stem produced {s.shape[1]} patches per frame, expected {self.pos.shape[0]}")
+        pos = self.pos.to(s.dtype)
         for i, block in enumerate(self.blocks):
-            patches = u[i, :, 1:].to(s.dtype)
+            z = next(levels, None)
+            if z is None:
+                raise ValueError(f"expected {len(self.blocks)} ladder features, the iterator gave {i}")
+            ui = project(i, z)
+            del z  # streaming: the level's features live on only where autograd saved them
+            patches = ui[:, 1:].to(s.dtype)
             s = 0.5 * s + 0.5 * patches if self.fusion == "mean" else s + patches
-            s = block(s, u[i, :, 0].to(s.dtype), self.pos.to(s.dtype))
+            s = block(s, ui[:, 0].to(s.dtype), pos)
+            del ui, patches
         return s
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks (run with ``pytest benchmarks/ --benchmark-only``); never imported by the package."""

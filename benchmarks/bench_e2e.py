@@ -1,0 +1,103 @@
+"""End-to-end training-step benchmark: memory, throughput, parameters and FLOPs per method.
+
+    pytest benchmarks/ --benchmark-only                    # everything this machine can run
+    pytest benchmarks/bench_e2e.py --benchmark-only -k "ViT-B-16 and T8"
+
+One case = one full training step (forward, backward, AdamW step) of one method on one
+backbone at 8 or 16 frames with the papers' batch sizes (B/16: 32 clips, L/14 and
+E/14: 16 clips) in bf16, with the ops on the eager backend or fused where available
+(``VPEFT_BACKEND=eager`` / ``auto``). Each case records peak allocated and reserved
+CUDA memory, clips/s (median step), trainable parameters, FLOPs per clip, the frozen
+tower's attention and which backend every op ran on. A case that does not fit is
+recorded as out of memory. ViT-E/14 cases run under a 40 GB budget
+(``torch.cuda.set_per_process_memory_fraction``); ``VPEFT_BENCH_BUDGET_GB`` imposes a
+budget on the other GPU cases too.
+
+Results (merged with earlier runs by case) go to ``benchmarks/results/<device>/e2e.json``
+with ``e2e.md`` and ``e2e.png`` beside them; see :mod:`benchmarks.report`.
+
+Without CUDA the GPU-sized cases are skipped (the reason is printed) and tiny random
+backbones run the same code on the CPU: ``tiny-vit`` (every method) and ``tiny-eva``
+(Side4Video light with ViT-E's settings: post-norm, streaming, checkpointing).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from benchmarks import common, report
+from vpeft import profiling
+
+GPU_BACKBONES = ("ViT-B-16", "ViT-L-14", "EVA02-E-14")
+CPU_BACKBONES = ("tiny-vit", "tiny-eva")
+CPU_PRESETS = {"tiny-vit": profiling.METHOD_PRESETS, "tiny-eva": ("side4video_light",)}
+FRAMES = (8, 16)
+BACKENDS = ("eager", "fused")
+NO_CUDA = "GPU-sized case: needs a CUDA device, this machine has none (the tiny CPU cases run instead)"
+HAS_CUDA = "tiny CPU case: runs only where there is no CUDA device (the GPU-sized cases run instead)"
+
+
+def _cases():
+    for bb in GPU_BACKBONES + CPU_BACKBONES:
+        presets = profiling.METHOD_PRESETS if bb in GPU_BACKBONES else CPU_PRESETS[bb]
+        for preset in presets:
+            for frames in FRAMES:
+                for backend in BACKENDS:
+                    yield pytest.param(bb, preset, frames, backend, id=f"{bb}-{preset}-T{frames}-{backend}")
+
+
+def _key(r: dict) -> tuple:
+    return (r["backbone"], r["method"], str(r["frames"]), r["backend"], str(r["batch"]), str(r.get("budget_gb")))
+
+
+@pytest.fixture(scope="module")
+def e2e_records(bench_env):
+    """Collects this module's records; writes JSON, Markdown and PNG once all cases ran."""
+    records = []
+    yield records
+    if not records:
+        return
+    directory = common.results_dir()
+    header = {"suite": "vpeft end-to-end training step (benchmarks/bench_e2e.py)", "env": bench_env}
+    if bench_env["device_type"] == "cpu":
+        header["label"] = "CPU, tiny random backbones: not comparable to GPU results or the papers"
+    data = common.merge_records(directory / report.FILE, records, _key, header)
+    report.write_device(data, directory)
+    print(f"\nvpeft e2e: {len(records)} case(s) written to {directory}/{{e2e.json,e2e.md,e2e.png}}")
+
+
+@pytest.mark.parametrize("backbone,preset,frames,backend", list(_cases()))
+def test_training_step(benchmark, e2e_records, bench_env, backbone, preset, frames, backend):
+    spec = profiling.BACKBONES[backbone]
+    cuda = torch.cuda.is_available()
+    if spec.gpu and not cuda:
+        pytest.skip(NO_CUDA)
+    if not spec.gpu and cuda:
+        pytest.skip(HAS_CUDA)
+    try:
+        profiling.method_options(preset, spec)
+    except ValueError as exc:
+        pytest.skip(str(exc))
+    budget = spec.budget_gb
+    if budget is None and cuda and os.environ.get("VPEFT_BENCH_BUDGET_GB"):
+        budget = float(os.environ["VPEFT_BENCH_BUDGET_GB"])
+    rounds, warmup = (5, 2) if cuda else (2, 1)  # on the CPU the FLOP-counting step is the only warm-up
+
+    def runner(step, n, _warm):
+        benchmark.pedantic(step, rounds=n, iterations=1, warmup_rounds=0)
+
+    benchmark.group = f"e2e {backbone} T{frames}"
+    rec = profiling.measure(preset, backbone, frames, device="cuda" if cuda else "cpu", backend=backend,
+                            rounds=rounds, warmup=warmup, budget_gb=budget, runner=runner)
+    rec["env"] = {k: bench_env[k] for k in ("device", "torch", "triton", "git_commit", "date_utc", "command")}
+    rec["flash_attn"] = profiling.flash_attn_status()
+    benchmark.extra_info.update({k: rec.get(k) for k in (
+        "status", "batch", "peak_allocated_gb", "peak_reserved_gb", "clips_per_s", "trainable_params",
+        "flops_per_clip", "attention")})
+    e2e_records.append(rec)
+    if rec["status"] == "ok":
+        assert rec["clips_per_s"] > 0 and rec["trainable_params"] > 0
+        if cuda:
+            assert rec["peak_allocated_gb"] > 0
