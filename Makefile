@@ -18,7 +18,7 @@ $(BIN)/activate:
 # The CPU extension is built here; the CUDA one only where a GPU is visible or
 # TORCH_CUDA_ARCH_LIST / VPEFT_BUILD_CUDA=1 ask for it (see setup.py).
 $(VENV)/.installed: $(BIN)/activate pyproject.toml setup.py $(wildcard csrc/*)
-	$(BIN)/pip install torch torchvision setuptools wheel
+	$(BIN)/pip install torch torchvision setuptools wheel ninja
 	$(BIN)/pip install --no-build-isolation -e ".[dev]"
 	touch $@
 
