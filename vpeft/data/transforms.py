@@ -106,6 +106,8 @@ class TestTransform:
     long side (the usual "3 crops" protocol).
     """
 
+    __test__ = False  # not a pytest test class
+
     size: int
     mean: Sequence[float]
     std: Sequence[float]

@@ -93,7 +93,8 @@ def _merge(base: Dict[str, Any], new: Dict[str, Any], where: str) -> None:
 
 def preset_names() -> List[str]:
     """Names of the YAML presets shipped in ``vpeft/configs``."""
-    return sorted(p.name[:-5] for p in resources.files("vpeft.configs").iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.name[:-5] for p in resources.files("vpeft.configs").iterdir()
+                  if p.name.endswith(".yaml") and not p.name.startswith("_"))
 
 
 def _read_yaml(path_or_name: str) -> Dict[str, Any]:
@@ -103,7 +104,8 @@ def _read_yaml(path_or_name: str) -> Dict[str, Any]:
     else:
         name = os.path.basename(path_or_name)
         name = name[:-5] if name.endswith(".yaml") else name
-        if name not in preset_names():
+        if name not in preset_names() and not (name.startswith("_") and
+                                                resources.files("vpeft.configs").joinpath(name + ".yaml").is_file()):
             raise ConfigError(f"config {path_or_name!r} is neither a file nor a preset; presets: {preset_names()}")
         data = yaml.safe_load(resources.files("vpeft.configs").joinpath(name + ".yaml").read_text()) or {}
     if not isinstance(data, dict):
