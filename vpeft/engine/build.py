@@ -55,13 +55,21 @@ def create_backbone(name: str, pretrained: Optional[str] = None, checkpoint: Opt
             raise ConfigError(f"unknown backbone {name!r}: not an open_clip model name nor one of "
                               f"{sorted(TINY_BACKBONES)} (see open_clip.list_models())")
         if pretrained:
-            try:
+            from open_clip import pretrained as oc_pretrained
+
+            pcfg = oc_pretrained.get_pretrained_cfg(name, pretrained)
+            if not pcfg:
+                tags = oc_pretrained.list_pretrained_tags_by_model(name)
+                raise ConfigError(f"open_clip has no pretrained tag {pretrained!r} for {name}; known tags: {tags}. "
+                                  "For your own weights file use --checkpoint PATH")
+            try:  # fetch first (fails fast offline), build second
+                oc_pretrained.download_pretrained(pcfg)
                 model = open_clip.create_model(name, pretrained=pretrained)
-            except Exception as e:  # noqa: BLE001 - any download/lookup failure
+            except Exception as e:  # noqa: BLE001 - any download failure
                 raise PretrainedUnavailable(
-                    f"could not get open_clip weights {name!r} pretrained={pretrained!r} "
+                    f"could not download open_clip weights {name!r} pretrained={pretrained!r} "
                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). This machine may have no "
-                    f"network access: download the weights elsewhere and pass the file with --checkpoint PATH "
+                    f"network access: download the weights elsewhere and pass the local file with --checkpoint PATH "
                     f"(model.checkpoint=PATH) instead.") from e
         else:
             model = open_clip.create_model(name, pretrained=None)

@@ -79,14 +79,12 @@ class ConfigError(ValueError):
 def _merge(base: Dict[str, Any], new: Dict[str, Any], where: str) -> None:
     for key, value in new.items():
         if key not in base:
-            raise ConfigError(f"unknown config key {where}{key!r}; the {where.rstrip('.') or 'top level'} "
+            raise ConfigError(f"unknown config key '{where}{key}'; {where.rstrip('.') or 'the top level'} "
                               f"has {sorted(base)}")
         if isinstance(base[key], dict) and key in SECTIONS:
             if not isinstance(value, dict):
                 raise ConfigError(f"config section {key!r} must be a mapping, got {value!r}")
             _merge(base[key], value, f"{where}{key}.")
-        elif key == "options" and isinstance(base[key], dict) and isinstance(value, dict):
-            base[key] = {**base[key], **copy.deepcopy(value)}   # method options are free-form; adapt() checks them
         else:
             base[key] = copy.deepcopy(value)
 
@@ -150,7 +148,11 @@ def load_config(path_or_name: Optional[str] = None, overrides: Sequence[str] = (
     if extra:
         _merge(cfg, extra, "")
     for o in overrides:
-        _merge(cfg, parse_override(o), "")
+        key = o.split("=", 1)[0].strip()
+        if key.startswith("model.options.") and "=" in o:   # one option of the method: merge, not replace
+            cfg["model"]["options"] = {**cfg["model"]["options"], **parse_override(o)["model"]["options"]}
+        else:
+            _merge(cfg, parse_override(o), "")
     validate(cfg)
     return cfg
 
