@@ -20,11 +20,11 @@ import torch
 # running the demo: they let each temporal method learn within its step budget.
 DEMO_METHODS = [
     ("probe", "linear_probe", {}, 3e-3),
-    ("st_adapter", "st_adapter", {"bottleneck": 64}, 3e-3),
+    ("st_adapter", "st_adapter", {"bottleneck": 64}, 1e-2),
     ("msta", "msta", {"bottleneck": 32, "layers": [1, 4], "scale": 1.0, "text": False}, 3e-3),
     ("side4video", "side4video", {"side_width": 64}, 1e-3),
 ]
-DEMO_STEPS = 150
+DEMO_STEPS = 300
 DEMO_DATA = dict(num_train=800, num_val=240)
 
 

@@ -34,7 +34,7 @@ class RunLogger:
 
                 self._tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
             except Exception as e:  # noqa: BLE001 - tensorboard is optional
-                log.warning("TensorBoard logging is off (%s: %s); install vpeft[tensorboard]", type(e).__name__, e)
+                log.warning("TensorBoard logging is off (%s: %s); pip install tensorboard", type(e).__name__, e)
 
     def write(self, record: Dict[str, Any], step: Optional[int] = None) -> None:
         """Append ``record`` (plus a wall-clock ``time``) and mirror its numbers to TensorBoard."""
