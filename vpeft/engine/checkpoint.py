@@ -71,6 +71,10 @@ def save_checkpoint(ckpt_dir: str, step: int, weights: Dict[str, torch.Tensor], 
     """
     os.makedirs(ckpt_dir, exist_ok=True)
     name = f"step_{step:08d}"
+    k = 0
+    while os.path.exists(os.path.join(ckpt_dir, name)):   # never overwrite what the pointer may name
+        k += 1
+        name = f"step_{step:08d}.{k}"
     final = os.path.join(ckpt_dir, name)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=ckpt_dir)
     try:
@@ -81,8 +85,6 @@ def save_checkpoint(ckpt_dir: str, step: int, weights: Dict[str, torch.Tensor], 
             f.write(config_yaml)
         for fn in (WEIGHTS, STATE, "config.yaml"):
             _fsync_file(os.path.join(tmp, fn))
-        if os.path.exists(final):  # re-saving the same step (e.g. after a resume): move the old one aside
-            shutil.rmtree(final)
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

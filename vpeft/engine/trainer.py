@@ -139,7 +139,9 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=float(t["label_smoothing"]))
         if self.info.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            # MSTA's text adapters get no gradient from a classification loss
+            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids,
+                                                           find_unused_parameters=self.model.method == "msta")
         self.loader, self.sampler = build_loader(self.train_ds, self.per_rank, self.info, self.cfg, train=True)
 
     def _resume(self, path: str, train: bool):
@@ -160,6 +162,7 @@ class Trainer:
         self.scheduler.load_state_dict(st["scheduler"])
         self.scaler.load_state_dict(st["scaler"])
         self.global_step, self.epoch, self.step_in_epoch = st["step"], st["epoch"], st["step_in_epoch"]
+        self._saved_step = self.global_step
         self.skipped_total = st.get("skipped_total", 0)
         self.history = list(st.get("history", []))
         rng = st["rng"]
@@ -179,11 +182,13 @@ class Trainer:
     def _save(self, out_dir: str):
         rngs = all_gather_objects(_rng_state(), self.info)
         if not self.info.is_main:
+            self._saved_step = self.global_step
             return
         state = {"step": self.global_step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict(), "rng": rngs, "skipped_total": self.skipped_total,
                  "history": self.history, "world": self.info.world}
+        self._saved_step = self.global_step
         path = ckpt.save_checkpoint(os.path.join(out_dir, "checkpoints"), self.global_step,
                                     self.model.adapter_state_dict(), state, dump(self.cfg),
                                     keep=int(self.cfg["train"]["keep_checkpoints"]))
@@ -284,6 +289,8 @@ class Trainer:
                     last_eval = self.evaluate()
                     logger.write({"split": "val", "step": self.global_step, "epoch": self.epoch, **last_eval},
                                  step=self.global_step)
+            if getattr(self, "_saved_step", None) != self.global_step:
+                self._save(out)   # the final (or stop_at_step) position is always on disk
         finally:
             logger.close()
         barrier(self.info)
