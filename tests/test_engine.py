@@ -220,3 +220,28 @@ def test_cli_make_synthetic_train_eval(tmp_path, capsys):
 def test_presets_load(name):
     cfg = load_config(name)
     assert cfg["model"]["method"] in ("st_adapter", "side4video", "msta", "linear_probe")
+
+
+def test_gradient_accumulation_matches_full_batch(data, tmp_path):
+    ov = ("model.dropout=0.0", "train.epochs=1")
+    full = Trainer(load_config(None, _overrides(data, tmp_path / "a", *ov)), progress=False).fit()
+    acc = Trainer(load_config(None, _overrides(data, tmp_path / "b", *ov, "train.grad_accum=2")), progress=False).fit()
+    assert _losses(acc["history"]) == pytest.approx(_losses(full["history"]), rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("method,options", [("st_adapter", {"bottleneck": 16}), ("side4video", {"side_width": 64})])
+def test_activation_checkpointing_gives_the_same_gradients(data, tmp_path, method, options):
+    from vpeft.engine.build import build_model
+
+    grads = []
+    for ckpt_on in (False, True):
+        cfg = load_config(None, _overrides(data, tmp_path, f"model.method={method}", f"model.options={options}",
+                                           "model.dropout=0.0", f"train.activation_checkpointing={ckpt_on}"))
+        torch.manual_seed(0)
+        vm = build_model(cfg, 4, torch.device("cpu")).train()
+        torch.manual_seed(1)
+        vm(torch.randn(2, 4, 3, 32, 32)).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in vm.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)

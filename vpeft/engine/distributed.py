@@ -63,10 +63,12 @@ def all_gather_objects(obj: Any, info: DistInfo) -> List[Any]:
 
 
 def barrier(info: DistInfo) -> None:
+    """Wait for every rank (no-op when single-process)."""
     if info.enabled:
         dist.barrier()
 
 
 def cleanup(info: DistInfo) -> None:
+    """Leave the process group, if this process joined one."""
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
