@@ -20,10 +20,10 @@ def test_peak_rss_sees_a_transient_allocation():
 
 
 def test_table_labels_cpu_memory_honestly():
-    row = dict(name="probe", trainable_parameters=388, peak_rss_mib=12.3, clips_per_s=40.0, top1=25.0,
+    row = dict(name="probe", trainable_parameters=388, steps=300, peak_rss_mib=12.3, clips_per_s=40.0, top1=25.0,
                mean_class=25.0)
     t = format_table([row])
-    assert "peak RSS increase (MiB, CPU)" in t and "GPU" not in t and "| probe | 388 | 12 | 40.0 | 25.0 |" in t
+    assert "peak RSS increase (MiB, CPU)" in t and "GPU" not in t and "| probe | 388 | 300 | 12 | 40.0 | 25.0 |" in t
 
 
 def test_demo_covers_the_four_methods():

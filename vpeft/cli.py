@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="train and compare the methods on synthetic data (CPU, a few minutes)")
     d.add_argument("--out", default="vpeft-demo", help="directory for the data, runs, table and plot")
-    d.add_argument("--steps", type=int, default=None, help="optimizer steps per method (default: the demo's own)")
+    d.add_argument("--steps", type=int, default=None, help="optimizer steps for every method (default: each method's own, see vpeft.demo.DEMO_METHODS)")
     d.add_argument("--methods", nargs="+", default=None, help="subset of: probe st_adapter msta side4video")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
