@@ -127,8 +127,9 @@ def _train_worker(cfg: Dict[str, Any], progress: bool, threads: int, queue) -> N
 
     torch.set_num_threads(threads)
     try:
+        trainer = Trainer(cfg, progress=progress)     # model, data, optimizer: set-up is not counted
         with PeakRSS() as mem:
-            summary = Trainer(cfg, progress=progress).fit()
+            summary = trainer.fit()
         queue.put(("ok", summary, mem.mib))
     except BaseException as e:  # noqa: BLE001 - report to the parent, which re-raises
         import traceback
@@ -200,9 +201,9 @@ def run_demo(out_dir: str = "vpeft-demo", *, steps: Optional[int] = None, method
     print(f"\n{len(results)} methods, batch {cfg['train']['batch_size']} clips of {cfg['model']['num_frames']} frames, "
           f"{torch.get_num_threads()} compute thread(s) + {workers} loader worker(s); "
           f"wall time {wall:.0f} s")
-    print("peak RSS increase: resident memory of the training process (a fresh process per method) above "
-          "its level after start-up, sampled every 5 ms; includes building the model; excludes the loader "
-          "worker; CPU RAM, not GPU memory.")
+    print("peak RSS increase: resident memory of the training process (a fresh process per method) during "
+          "training and evaluation, above its level once the model, data and optimizer were set up; sampled "
+          "every 5 ms; excludes the loader worker process; CPU RAM, not GPU memory.")
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"wall_time_s": wall, "results": results}, f, indent=1)
     with open(os.path.join(out_dir, "results.md"), "w") as f:

@@ -160,6 +160,8 @@ def build_loader(ds: VideoDataset, batch: int, info: DistInfo, cfg: Dict[str, An
 
     The loader gets its own generator so creating an iterator never draws from the
     global RNG (which would shift dropout masks between a resumed and an uninterrupted run).
+    Training workers persist across epochs: items carry their epoch in the sampler's keys,
+    so the dataset copies in the workers hold no per-epoch state.
     """
     sampler = EpochSampler(len(ds), shuffle=train, seed=cfg["train"]["seed"], rank=info.rank, world=info.world,
                            drop_last=train, per_rank_multiple=batch)
@@ -168,5 +170,5 @@ def build_loader(ds: VideoDataset, batch: int, info: DistInfo, cfg: Dict[str, An
     g.manual_seed(int(cfg["train"]["seed"]))
     loader = DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers, collate_fn=collate,
                         pin_memory=info.device.type == "cuda", drop_last=train, generator=g,
-                        persistent_workers=False, prefetch_factor=2 if workers > 0 else None)
+                        persistent_workers=train and workers > 0, prefetch_factor=2 if workers > 0 else None)
     return loader, sampler

@@ -77,7 +77,7 @@ class Trainer:
                  progress: bool = True, train: bool = True):
         self.cfg = cfg
         self.info = info or DistInfo()
-        self.progress = progress and self.info.is_main
+        self.progress = progress and self.info.is_main   # bars only on rank 0, and only on a terminal
         t, d = cfg["train"], cfg["data"]
         self.device = self.info.device
         self.amp_dtype = _autocast_dtype(t["precision"], self.device)
@@ -218,7 +218,7 @@ class Trainer:
                 self.model.train()
                 it = iter(self.loader)
                 skipped = torch.zeros(1, dtype=torch.long)
-                bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, disable=not self.progress,
+                bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, disable=None if self.progress else True,
                            desc=f"epoch {epoch + 1}/{self.epochs} train", unit="step", leave=False)
                 while (self.step_in_epoch < self.steps_per_epoch and self.global_step < self.total_steps
                        and (stop_at is None or self.global_step < stop_at)):
@@ -324,7 +324,7 @@ class Trainer:
         nll = torch.zeros(1, dtype=torch.float64)
         skipped = torch.zeros(1, dtype=torch.float64)
         k = min(5, C)
-        for b in tqdm(loader, disable=not self.progress, desc="eval", unit="batch", leave=False):
+        for b in tqdm(loader, disable=None if self.progress else True, desc="eval", unit="batch", leave=False):
             v = b["video"]                                   # (B, V, T, 3, S, S)
             n = v.shape[0]
             with self._autocast():
