@@ -245,3 +245,17 @@ def test_activation_checkpointing_gives_the_same_gradients(data, tmp_path, metho
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_corrupt_training_video_is_counted_and_reported(data, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(data["root"], root)
+    with open(root / "videos/train/00005.mp4", "wb") as f:
+        f.write(b"not a video")
+    cfg = load_config(None, _overrides(data, tmp_path / "run", f"data.root={root}", "train.epochs=1"))
+    summary = Trainer(cfg, progress=False).fit()
+    assert summary["steps"] == 6 and summary["skipped_videos"] >= 1      # the epoch completed
+    ends = [r for r in read_jsonl(str(tmp_path / "run" / "metrics.jsonl")) if r.get("event") == "epoch_end"]
+    assert ends[-1]["skipped_videos"] == summary["skipped_videos"]
