@@ -207,8 +207,9 @@ def test_cli_make_synthetic_train_eval(tmp_path, capsys):
     paths = json.loads(capsys.readouterr().out)
     ov = _overrides(paths, tmp_path / "run", "train.epochs=1", "model.method=side4video",
                     "model.options={side_width: 64, side_layers: 2}")   # a whole mapping replaces the options
-    assert main(["train", "--config", "demo", "--no-progress", *ov]) == 0
+    assert main(["train", "--config", "demo", "--no-progress", *ov, "tensorboard=true"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "run" / "tensorboard"))
     assert out["steps"] == 2 and out["skipped_videos"] == 0 and out["eval"]["videos"] == 4
     assert main(["eval", "--config", "demo", "--no-progress", "--adapters", str(tmp_path / "run"), *ov]) == 0
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
