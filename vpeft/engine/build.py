@@ -135,6 +135,18 @@ def _root(cfg) -> str:
     return root
 
 
+def check_data(cfg: Dict[str, Any], num_classes: int, names, *, train: bool = True) -> None:
+    """Fail early (before a possibly large backbone is built) on a missing video directory,
+    an unset, missing, malformed or empty list file."""
+    d = cfg["data"]
+    _root(cfg)
+    keys = (["train_list"] if train else []) + (["val_list"] if d["val_list"] or not train else [])
+    for key in keys:
+        if not d[key]:
+            raise ConfigError(f"data.{key} is not set")
+        read_list(d[key], num_classes=num_classes, class_names=names)
+
+
 def build_dataset(cfg: Dict[str, Any], split: str, model: VideoModel, num_classes: int, names) -> VideoDataset:
     """The ``train`` or ``val`` :class:`VideoDataset`, normalised with the model's own mean and std."""
     d = cfg["data"]

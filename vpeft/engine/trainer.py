@@ -15,7 +15,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .build import build_dataset, build_loader, build_model, resolve_classes
+from .build import build_dataset, build_loader, build_model, check_data, resolve_classes
 from .config import ConfigError, dump
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier
 from .runlog import RunLogger
@@ -87,6 +87,7 @@ class Trainer:
         random.seed(seed)
 
         self.num_classes, self.class_names = resolve_classes(cfg)
+        check_data(cfg, self.num_classes, self.class_names, train=train)
         self.model = build_model(cfg, self.num_classes, self.device)
         if d["num_frames"] is not None and d["num_frames"] != self.model.num_frames:
             raise ConfigError(f"data.num_frames={d['num_frames']} does not match the model's "
