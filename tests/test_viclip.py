@@ -249,3 +249,61 @@ def test_viclip_well_defined_methods_and_clear_errors():
         vpeft.adapt(tiny_viclip(), "msta", num_frames=8, bottleneck=16)
     vm = vpeft.adapt(tiny_viclip(), "linear_probe", num_frames=T, num_classes=5)
     assert vm(_video()).shape == (2, 5)
+
+
+def _official_forward(sd, cfg: ViCLIPConfig, video, text):
+    """The official ViCLIP forward (InternVideo viclip_vision.py / viclip_text.py), restated from its
+    description on the official state dict: Conv3d patches, (b t) -> (b n) t temporal embedding,
+    b (n t) token order, sequence-first nn.MultiheadAttention blocks, QuickGELU MLPs."""
+    def block(prefix, x, heads, mask=None):                  # x: (L, B, D) sequence first
+        d = x.shape[-1]
+        attn = nn.MultiheadAttention(d, heads)
+        attn.load_state_dict({k[len(prefix + "attn."):]: v for k, v in sd.items() if k.startswith(prefix + "attn.")})
+        ln = lambda z, n: F.layer_norm(z, (d,), sd[prefix + n + ".weight"], sd[prefix + n + ".bias"])
+        x = x + attn(ln(x, "ln_1"), ln(x, "ln_1"), ln(x, "ln_1"), need_weights=False, attn_mask=mask)[0]
+        h = F.linear(ln(x, "ln_2"), sd[prefix + "mlp.c_fc.weight"], sd[prefix + "mlp.c_fc.bias"])
+        h = h * torch.sigmoid(1.702 * h)
+        return x + F.linear(h, sd[prefix + "mlp.c_proj.weight"], sd[prefix + "mlp.c_proj.bias"])
+
+    v = "vision_encoder."
+    d = cfg.vision_width
+    x = F.conv3d(video.permute(0, 2, 1, 3, 4), sd[v + "conv1.weight"], stride=(1, cfg.patch_size, cfg.patch_size))
+    b, c, t, h, w = x.shape
+    x = x.permute(0, 2, 3, 4, 1).reshape(b * t, h * w, c)
+    x = torch.cat([sd[v + "class_embedding"] + torch.zeros(b * t, 1, d), x], dim=1) + sd[v + "positional_embedding"]
+    cls = x[:b, :1]
+    x = x[:, 1:].reshape(b, t, h * w, d).transpose(1, 2).reshape(b * h * w, t, d)
+    x = x + sd[v + "temporal_positional_embedding"]
+    x = x.reshape(b, h * w * t, d)
+    x = F.layer_norm(torch.cat([cls, x], 1), (d,), sd[v + "ln_pre.weight"], sd[v + "ln_pre.bias"]).transpose(0, 1)
+    for i in range(cfg.vision_layers):
+        x = block(f"{v}transformer.resblocks.{i}.", x, cfg.vision_heads)
+    x = F.layer_norm(x.transpose(0, 1), (d,), sd[v + "ln_post.weight"], sd[v + "ln_post.bias"])
+    video_feat = x[:, 0] @ sd[v + "proj"]
+
+    s = "text_encoder."
+    dt = cfg.text_width
+    y = (sd[s + "token_embedding.weight"][text] + sd[s + "positional_embedding"]).transpose(0, 1)
+    mask = torch.full((cfg.context_length, cfg.context_length), float("-inf")).triu_(1)
+    for i in range(cfg.text_layers):
+        y = block(f"{s}transformer.resblocks.{i}.", y, cfg.text_heads, mask)
+    y = F.layer_norm(y.transpose(0, 1), (dt,), sd[s + "ln_final.weight"], sd[s + "ln_final.bias"])
+    text_feat = y[torch.arange(y.shape[0]), text.argmax(-1)] @ sd[s + "text_projection"]
+    return video_feat, text_feat
+
+
+def test_loaded_checkpoint_computes_the_official_forward():
+    cfg = ViCLIPConfig(**SMALL)
+    g = torch.Generator().manual_seed(2)
+    official = {k: 0.2 * torch.randn(s, generator=g) for k, s in _official_layout(cfg).items()}
+    for k in official:
+        if k.endswith(("ln_1.weight", "ln_2.weight", "ln_pre.weight", "ln_post.weight", "ln_final.weight")):
+            official[k] = 1.0 + official[k]
+    official["temp"] = torch.tensor(0.01)
+    model = load_viclip_checkpoint(tiny_viclip(), {"model": official})
+    video = torch.randn(2, T, 3, 32, 32)
+    text = model.tokenize(["a video of a cat", "a dog runs"])
+    with torch.no_grad():
+        ref_v, ref_t = _official_forward(official, cfg, video, text)
+        torch.testing.assert_close(model.encode_video(video), ref_v, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model.encode_text(text), ref_t, rtol=1e-4, atol=1e-4)
