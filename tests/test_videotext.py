@@ -44,6 +44,22 @@ def test_logits_are_scaled_cosine_of_prompt_embeddings():
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-4)
 
 
+def test_open_clip_msta_classifier_uses_its_logit_scale():
+    import open_clip
+    clip = open_clip.CLIP(embed_dim=32, vision_cfg=dict(layers=2, width=64, patch_size=8, image_size=32),
+                          text_cfg=dict(context_length=32, vocab_size=49408, width=32, heads=2, layers=2)).eval()
+    with torch.no_grad():
+        clip.logit_scale.fill_(2.0)
+    clf = VideoTextClassifier(vpeft.adapt(clip, "msta", num_frames=T, bottleneck=16, layers=(1, 2)), NAMES).eval()
+    v = torch.randn(2, T, 3, 32, 32)
+    with torch.no_grad():
+        logits = clf(v)
+        video = F.normalize(clf.video_model.encode_video(v), dim=-1)
+        text = F.normalize(clip.encode_text(open_clip.tokenize(clf.prompts(), context_length=32)), dim=-1)
+    assert logits.shape == (2, 16)
+    torch.testing.assert_close(logits, math.exp(2.0) * video @ text.t(), rtol=1e-5, atol=1e-4)
+
+
 def test_classifier_refuses_models_it_cannot_use():
     with pytest.raises(ValueError, match="num_classes=None"):
         VideoTextClassifier(vpeft.adapt(tiny_viclip(), "msta", num_frames=T, num_classes=3, bottleneck=16), NAMES)

@@ -103,6 +103,10 @@ class MSTABlock(nn.Module):
         self.modality = modality
         object.__setattr__(self, "msta", msta)
 
+    def get_weight_dtype(self) -> torch.dtype:
+        """open_clip's ``Transformer.get_cast_dtype`` (used by ``encode_text``) asks block 0 for this."""
+        return self.block.get_weight_dtype()
+
     def forward(self, x, *args, **kwargs):
         y = self.block(x, *args, **kwargs)
         u = self.ops.first_norm(self.block, x)

@@ -1,8 +1,10 @@
 """Task-specific training loops for video-text recognition and retrieval.
 
 Small, explicit loops over ``(video, target)`` batches: AdamW, linear warm-up then
-cosine decay, gradient clipping. They take any iterable of batches, so they run on
-in-memory tensors (tests, smoke runs) as well as on a DataLoader.
+cosine decay, gradient clipping. They take ``batches(epoch)``, a function returning an
+iterable of batches (a list, or a DataLoader: anything with ``len``; other iterables are
+read into a list first), so they run on in-memory tensors (tests, smoke runs) as well
+as on video files.
 """
 from __future__ import annotations
 
@@ -32,6 +34,13 @@ def cosine_lr(step: int, total: int, base: float, warmup: int = 0, final: float 
         return base * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
     return final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def _epoch(batches, epoch):
+    it = batches(epoch)
+    if not hasattr(it, "__len__"):
+        it = list(it)
+    return it, len(it)
 
 
 def _optimizer(params, lr, weight_decay, betas):
@@ -67,8 +76,8 @@ def train_video_text(clf: VideoTextClassifier, batches: Callable[[int], Iterable
     step = 0
     clf.train()
     for epoch in range(epochs):
-        batch_list = list(batches(epoch))
-        steps_per_epoch = steps_per_epoch or len(batch_list)
+        batch_list, n = _epoch(batches, epoch)
+        steps_per_epoch = steps_per_epoch or n
         total = steps_per_epoch * epochs
         for video, label in batch_list:
             bad = sorted({int(l) for l in label} - set(pos))
@@ -118,8 +127,8 @@ def train_retrieval(model: RetrievalModel, batches: Callable[[int], Iterable[Tup
     model.train()
     steps_per_epoch = None
     for epoch in range(epochs):
-        batch_list = list(batches(epoch))
-        steps_per_epoch = steps_per_epoch or len(batch_list)
+        batch_list, n = _epoch(batches, epoch)
+        steps_per_epoch = steps_per_epoch or n
         total = steps_per_epoch * epochs
         for video, tokens in batch_list:
             if len(video) < 2:
