@@ -53,7 +53,8 @@ def _optimizer(params, lr, weight_decay, betas):
 def train_video_text(clf: VideoTextClassifier, batches: Callable[[int], Iterable[Tuple[torch.Tensor, torch.Tensor]]],
                      *, classes: Sequence[int], epochs: int, lr: float = 1e-3, weight_decay: float = 0.001,
                      warmup: int = 0, final_lr: float = 1e-5, consistency: Optional[ConsistencyLoss] = None,
-                     clip_grad: float = 1.0, log: Optional[Callable[[Dict], None]] = None) -> List[float]:
+                     clip_grad: float = 1.0, betas: Tuple[float, float] = (0.9, 0.98),
+                     log: Optional[Callable[[Dict], None]] = None) -> List[float]:
     """Train prompt-based recognition over ``classes`` (global class indices).
 
     ``batches(epoch)`` yields ``(video, label)`` with global labels, all in ``classes``
@@ -70,7 +71,7 @@ def train_video_text(clf: VideoTextClassifier, batches: Callable[[int], Iterable
         if missing:
             raise ValueError(f"the consistency loss has no descriptions for classes {missing[:8]}")
         rows = [cpos[c] for c in classes]
-    opt = _optimizer(clf.parameters(), lr, weight_decay, (0.9, 0.98))
+    opt = _optimizer(clf.parameters(), lr, weight_decay, tuple(betas))
     steps_per_epoch = None
     losses: List[float] = []
     step = 0
@@ -107,11 +108,11 @@ def train_video_text(clf: VideoTextClassifier, batches: Callable[[int], Iterable
 
 def train_retrieval(model: RetrievalModel, batches: Callable[[int], Iterable[Tuple[torch.Tensor, torch.Tensor]]],
                     *, epochs: int, lr: float = 1e-4, text_lr: float = 1e-7, weight_decay: float = 0.2,
-                    warmup: int = 0, clip_grad: float = 1.0,
+                    warmup: int = 0, clip_grad: float = 1.0, betas: Tuple[float, float] = (0.9, 0.98),
                     log: Optional[Callable[[Dict], None]] = None) -> List[float]:
     """Train Side4Video retrieval on ``batches(epoch)`` of ``(video, caption token ids)`` pairs.
 
-    Adam(W) with betas (0.9, 0.98) as in the paper; ``text_lr`` is used for the text
+    AdamW, betas (0.9, 0.98) by default as in the paper; ``text_lr`` is used for the text
     tower when the model fine-tunes it. Returns the loss of every step.
     """
     new = list(model.video_model.side.parameters()) + list(model.head.parameters()) + \
@@ -121,7 +122,7 @@ def train_retrieval(model: RetrievalModel, batches: Callable[[int], Iterable[Tup
     text = [p for p in model.trainable_parameters() if id(p) not in ids]
     if text:
         groups.append({"params": text, "lr": text_lr, "base_lr": text_lr})
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.98), weight_decay=weight_decay)
+    opt = torch.optim.AdamW(groups, betas=tuple(betas), weight_decay=weight_decay)
     losses: List[float] = []
     step = 0
     model.train()
