@@ -1,0 +1,160 @@
+"""A video classification dataset over real files listed in a list file."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .lists import Sample
+from .sampling import STRATEGIES, sample_indices
+from .transforms import TestTransform, TrainTransform
+from .video import VideoDecodeError, read_frames
+
+log = logging.getLogger("vpeft.data")
+
+
+class VideoDataset(Dataset):
+    """Clips of ``num_frames`` frames from the videos of a list file.
+
+    Args:
+        root: directory the list's paths are relative to (must exist).
+        samples: entries from :func:`~vpeft.data.lists.read_list`.
+        num_frames: frames per clip ``T``.
+        transform: a :class:`TrainTransform` (training) or :class:`TestTransform` (testing).
+        sampling: ``"segment"`` or ``"dense"`` (see :mod:`vpeft.data.sampling`).
+        stride: frame stride for dense sampling.
+        num_clips: temporal views per video at test time.
+        seed: base seed. A clip's frame choice and augmentation are drawn from a
+            generator seeded with ``(seed, epoch, index, attempt)``, so they do not depend
+            on worker processes, world size, or where a run was resumed.
+        max_replacements: how many other videos to try when a video fails.
+
+    Items are dicts: ``video`` ``(T, 3, S, S)`` when training, ``(V, T, 3, S, S)`` with
+    ``V = num_clips * crops`` when testing; ``label``; ``index``; ``failed``: the paths
+    that failed and were replaced on the way to this item (usually empty). A sampler may
+    pass ``(index, epoch)`` keys; a plain int means epoch 0.
+    """
+
+    def __init__(self, root: str, samples: Sequence[Sample], num_frames: int,
+                 transform: Union[TrainTransform, TestTransform], *, sampling: str = "segment", stride: int = 1,
+                 num_clips: int = 1, seed: int = 0, max_replacements: int = 20):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"video directory {root!r} does not exist (data.root)")
+        if not samples:
+            raise ValueError("a VideoDataset needs at least one sample")
+        if sampling not in STRATEGIES:
+            raise ValueError(f"unknown sampling strategy {sampling!r}; expected one of {STRATEGIES}")
+        if num_clips < 1:
+            raise ValueError(f"num_clips must be >= 1, got {num_clips}")
+        self.root = root
+        self.samples = list(samples)
+        self.num_frames = int(num_frames)
+        self.transform = transform
+        self.train = isinstance(transform, TrainTransform)
+        self.sampling = sampling
+        self.stride = int(stride)
+        self.num_clips = 1 if self.train else int(num_clips)
+        self.seed = int(seed)
+        self.max_replacements = int(max_replacements)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def labels(self) -> List[int]:
+        return [s.label for s in self.samples]
+
+    def _load(self, index: int, rng: np.random.Generator) -> Tuple[torch.Tensor, int]:
+        s = self.samples[index]
+        path = os.path.join(self.root, s.path)
+        if self.train:
+            frames = read_frames(path, lambda n: sample_indices(
+                self.sampling, n, self.num_frames, train=True, stride=self.stride, rng=rng))
+            return self.transform(frames, s.label, rng)
+        per_clip: List[List[int]] = []
+
+        def choose(n):
+            per_clip.extend(sample_indices(self.sampling, n, self.num_frames, train=False, stride=self.stride,
+                                           clip=k, num_clips=self.num_clips) for k in range(self.num_clips))
+            return sorted({i for c in per_clip for i in c})
+
+        frames = read_frames(path, choose)
+        where = {f: j for j, f in enumerate(sorted({i for c in per_clip for i in c}))}
+        views = []
+        for clip in per_clip:
+            views.extend(self.transform(frames[[where[i] for i in clip]]))
+        return torch.stack(views), s.label
+
+    def __getitem__(self, key) -> Dict[str, Any]:
+        index, epoch = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), 0)
+        failed: List[str] = []
+        current = index
+        for attempt in range(self.max_replacements + 1):
+            rng = np.random.default_rng([self.seed, epoch, index, attempt])
+            try:
+                video, label = self._load(current, rng)
+                return {"video": video, "label": label, "index": current, "failed": failed}
+            except VideoDecodeError as e:
+                log.warning("skipping video %d (%s); replacing it with another sample", current, e)
+                failed.append(self.samples[current].path)
+                current = int(rng.integers(len(self.samples)))
+        raise RuntimeError(f"{len(failed)} videos in a row could not be decoded, starting at "
+                           f"{self.samples[index].path!r} under {self.root!r}: {failed[:5]}; "
+                           "check data.root and the list file")
+
+
+def collate(items: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Stack a list of :class:`VideoDataset` items into a batch (``failed`` is concatenated)."""
+    return {
+        "video": torch.stack([it["video"] for it in items]),
+        "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
+        "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+        "failed": [p for it in items for p in it["failed"]],
+    }
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields ``(index, epoch)`` keys: a seeded shuffle per epoch, split across ranks.
+
+    Rank ``r`` of ``world`` takes every ``world``-th key of the epoch's order starting at
+    ``r``, so a global batch of ``B`` made of ``world`` per-rank batches of ``B / world``
+    holds exactly the samples a single process would put in its batch of ``B``.
+    ``start`` skips the first keys of the epoch (this rank's count), for resuming
+    mid-epoch. With ``drop_last`` (training) the order is cut to a multiple of
+    ``world * per_rank_multiple``; without it (evaluation) ranks get uneven shares and
+    nothing is duplicated.
+    """
+
+    def __init__(self, size: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1,
+                 drop_last: bool = False, per_rank_multiple: int = 1):
+        self.size, self.shuffle, self.seed = size, shuffle, seed
+        self.rank, self.world = rank, world
+        self.drop_last, self.multiple = drop_last, per_rank_multiple
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0):
+        self.epoch, self.start = epoch, start
+
+    def _order(self) -> np.ndarray:
+        if self.shuffle:
+            return np.random.default_rng([self.seed, self.epoch, 7919]).permutation(self.size)
+        return np.arange(self.size)
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            per = self.size // (self.world * self.multiple) * self.multiple
+        else:
+            per = len(range(self.rank, self.size, self.world))
+        return max(per - self.start, 0)
+
+    def __iter__(self):
+        order = self._order()
+        if self.drop_last:
+            keep = self.size // (self.world * self.multiple) * (self.world * self.multiple)
+            order = order[:keep]
+        mine = order[self.rank::self.world][self.start:]
+        return iter([(int(i), self.epoch) for i in mine])

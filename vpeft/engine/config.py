@@ -1,0 +1,212 @@
+"""Run configuration: nested sections with defaults, YAML files, ``key=value`` overrides.
+
+Every key a run can set is declared here with its default; an unknown key anywhere
+(YAML or override) is an error that lists the keys the section has.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from importlib import resources
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "model": {
+        "backbone": "ViT-B-16",      # open_clip model name, or a vpeft tiny config (see vpeft.engine.build)
+        "pretrained": None,          # open_clip pretrained tag (needs network access)
+        "checkpoint": None,          # local backbone weights file (the offline way to pretrained weights)
+        "method": "st_adapter",      # one of vpeft.METHODS
+        "options": {},               # keyword options of vpeft.adapt for the method
+        "num_frames": 8,             # T, frames per clip the model is built for
+        "dropout": 0.5,              # classifier dropout
+    },
+    "data": {
+        "root": None,                # directory the list files' paths are relative to
+        "train_list": None,          # "path label" lines or CSV with a header
+        "val_list": None,
+        "class_names": None,         # one name per line (optional when num_classes is set)
+        "num_classes": None,         # default: the number of class names
+        "num_frames": None,          # frames the loader samples; must equal model.num_frames if set
+        "sampling": "segment",       # "segment" or "dense"
+        "stride": 1,                 # dense sampling stride
+        "test_clips": 1,             # temporal views per video at evaluation
+        "test_crops": 1,             # spatial views per clip at evaluation (1 or 3)
+        "test_resize": None,         # short side before test crops (default: image size)
+        "crop_scale": [0.25, 1.0],   # random resized crop area range
+        "flip": 0.5,                 # horizontal flip probability (0 for direction-sensitive data)
+        "flip_label_map": None,      # {label: label after flip} or a JSON file of it
+        "color_jitter": 0.0,         # brightness/contrast/saturation strength
+        "grayscale": 0.0,            # probability of a grayscale clip
+        "num_workers": 2,            # loader worker processes per rank
+        "max_replacements": 20,      # other videos tried when one cannot be decoded
+    },
+    "train": {
+        "epochs": 30,
+        "max_steps": None,           # stop after this many optimizer steps (None: epochs decide)
+        "batch_size": 64,            # global batch per optimizer step (all ranks, all accumulation steps)
+        "grad_accum": 1,             # micro-batches per optimizer step
+        "lr": 1e-3,
+        "min_lr": 1e-5,              # end of the cosine
+        "warmup_epochs": 2.0,        # linear warm-up length (fraction of an epoch allowed)
+        "weight_decay": 0.05,
+        "betas": [0.9, 0.999],
+        "label_smoothing": 0.1,
+        "clip_grad": None,           # max gradient norm (None: no clipping)
+        "precision": "auto",         # auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16
+        "activation_checkpointing": False,
+        "seed": 0,
+        "eval_every": 1,             # epochs between evaluations (0: only at the end)
+        "log_every": 10,             # optimizer steps between log lines
+        "checkpoint_every": 0,       # optimizer steps between checkpoints (0: at each epoch end)
+        "keep_checkpoints": 2,
+        "stop_at_step": None,        # end this invocation after this step (schedule unchanged; continue with --resume)
+    },
+    "output_dir": "runs/default",
+    "tensorboard": True,
+    "device": "auto",                # auto (CUDA when available) or cpu
+}
+
+SECTIONS = ("model", "data", "train")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and what was expected."""
+
+
+def _merge(base: Dict[str, Any], new: Dict[str, Any], where: str) -> None:
+    for key, value in new.items():
+        if key not in base:
+            raise ConfigError(f"unknown config key {where}{key!r}; the {where.rstrip('.') or 'top level'} "
+                              f"has {sorted(base)}")
+        if isinstance(base[key], dict) and key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"config section {key!r} must be a mapping, got {value!r}")
+            _merge(base[key], value, f"{where}{key}.")
+        elif key == "options" and isinstance(base[key], dict) and isinstance(value, dict):
+            base[key] = {**base[key], **copy.deepcopy(value)}   # method options are free-form; adapt() checks them
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+def preset_names() -> List[str]:
+    """Names of the YAML presets shipped in ``vpeft/configs``."""
+    return sorted(p.name[:-5] for p in resources.files("vpeft.configs").iterdir()
+                  if p.name.endswith(".yaml") and not p.name.startswith("_"))
+
+
+def _read_yaml(path_or_name: str) -> Dict[str, Any]:
+    if os.path.isfile(path_or_name):
+        with open(path_or_name) as f:
+            data = yaml.safe_load(f) or {}
+    else:
+        name = os.path.basename(path_or_name)
+        name = name[:-5] if name.endswith(".yaml") else name
+        if name not in preset_names() and not (name.startswith("_") and
+                                                resources.files("vpeft.configs").joinpath(name + ".yaml").is_file()):
+            raise ConfigError(f"config {path_or_name!r} is neither a file nor a preset; presets: {preset_names()}")
+        data = yaml.safe_load(resources.files("vpeft.configs").joinpath(name + ".yaml").read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path_or_name!r} must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> Dict[str, Any]:
+    """``"train.lr=1e-3"`` -> ``{"train": {"lr": 0.001}}`` (the value is parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {text!r} has an empty key")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    out: Dict[str, Any] = value
+    for p in reversed(parts):
+        out = {p: out}
+    return out
+
+
+def load_config(path_or_name: Optional[str] = None, overrides: Sequence[str] = (),
+                extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Defaults, then the YAML file or preset (presets may name a ``base`` preset), then
+    ``extra`` (a nested dict), then the ``key=value`` overrides; validated."""
+    cfg = copy.deepcopy(DEFAULTS)
+    layers: List[Dict[str, Any]] = []
+    if path_or_name:
+        data = _read_yaml(path_or_name)
+        seen = {path_or_name}
+        while "base" in data:
+            base = data.pop("base")
+            if base in seen:
+                raise ConfigError(f"config base chain loops at {base!r}")
+            seen.add(base)
+            layers.insert(0, data)
+            data = _read_yaml(base)
+        layers.insert(0, data)
+    for layer in layers:
+        _merge(cfg, layer, "")
+    if extra:
+        _merge(cfg, extra, "")
+    for o in overrides:
+        _merge(cfg, parse_override(o), "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Dict[str, Any]) -> None:
+    """Check types and cross-key constraints that do not need files or a model."""
+    m, d, t = cfg["model"], cfg["data"], cfg["train"]
+    from ..model import METHODS
+
+    if m["method"] not in METHODS:
+        raise ConfigError(f"model.method={m['method']!r}; expected one of {METHODS}")
+    if not isinstance(m["options"], dict):
+        raise ConfigError(f"model.options must be a mapping, got {m['options']!r}")
+    for sec, key in (("model", "num_frames"), ("train", "batch_size"), ("train", "grad_accum"),
+                     ("train", "epochs"), ("data", "stride"), ("data", "test_clips")):
+        v = cfg[sec][key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"{sec}.{key} must be a positive integer, got {v!r}")
+    if d["num_frames"] is not None and d["num_frames"] != m["num_frames"]:
+        raise ConfigError(f"data.num_frames={d['num_frames']} does not match model.num_frames={m['num_frames']}: "
+                          "the model is built for a fixed number of frames")
+    if d["sampling"] not in ("segment", "dense"):
+        raise ConfigError(f"data.sampling={d['sampling']!r}; expected 'segment' or 'dense'")
+    if d["test_crops"] not in (1, 3):
+        raise ConfigError(f"data.test_crops={d['test_crops']!r}; expected 1 or 3")
+    if t["precision"] not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.precision={t['precision']!r}; expected auto, fp32, bf16 or fp16")
+    if t["max_steps"] is not None and (not isinstance(t["max_steps"], int) or t["max_steps"] < 1):
+        raise ConfigError(f"train.max_steps must be a positive integer or null, got {t['max_steps']!r}")
+    if t["batch_size"] % t["grad_accum"]:
+        raise ConfigError(f"train.batch_size={t['batch_size']} is not divisible by train.grad_accum={t['grad_accum']}")
+    cs = d["crop_scale"]
+    if not (isinstance(cs, (list, tuple)) and len(cs) == 2 and 0 < float(cs[0]) <= float(cs[1]) <= 1):
+        raise ConfigError(f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {cs!r}")
+    for k in ("lr", "weight_decay", "label_smoothing", "warmup_epochs", "flip", "color_jitter", "grayscale"):
+        sec = "train" if k in t else "data"
+        try:
+            float(cfg[sec][k])
+        except (TypeError, ValueError):
+            raise ConfigError(f"{sec}.{k} must be a number, got {cfg[sec][k]!r}") from None
+
+
+def flip_label_map(value) -> Dict[int, int]:
+    """``data.flip_label_map`` as a dict of ints (it may be a JSON file path)."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        if not os.path.isfile(value):
+            raise ConfigError(f"data.flip_label_map file {value!r} does not exist")
+        with open(value) as f:
+            value = json.load(f)
+    if not isinstance(value, dict):
+        raise ConfigError(f"data.flip_label_map must be a mapping label -> label, got {value!r}")
+    return {int(k): int(v) for k, v in value.items()}
+
+
+def dump(cfg: Dict[str, Any]) -> str:
+    """The configuration as YAML text."""
+    return yaml.safe_dump(cfg, sort_keys=False)

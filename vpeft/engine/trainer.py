@@ -1,0 +1,344 @@
+"""Recognition training and evaluation: the loop behind ``vpeft train`` and ``vpeft eval``."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .build import build_dataset, build_loader, build_model, resolve_classes
+from .config import ConfigError, dump
+from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier
+from .runlog import RunLogger
+
+log = logging.getLogger("vpeft")
+
+
+def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine from 1 to ``min_ratio`` at ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    span = max(total - warmup, 1)
+    progress = min(max(step - warmup, 0) / span, 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    if precision == "fp32":
+        return None
+    if device.type != "cuda":
+        raise ConfigError(f"train.precision={precision!r} needs a CUDA device; this run is on {device} "
+                          "(use precision=fp32 or auto on CPU)")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def _rng_state() -> Dict[str, Any]:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: Dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+class Trainer:
+    """Trains ``model.method`` on ``data.train_list`` and evaluates on ``data.val_list``.
+
+    Everything that can be wrong with the configuration, the files or the model is
+    checked here, in the constructor, before the first step.
+
+    Args:
+        cfg: a configuration from :func:`vpeft.engine.config.load_config`.
+        info: this process's place in the process group (single process by default).
+        resume: a checkpoint (directory, run directory or ``checkpoints/``) to continue.
+        progress: show tqdm progress bars (rank 0 only).
+    """
+
+    def __init__(self, cfg: Dict[str, Any], info: Optional[DistInfo] = None, *, resume: Optional[str] = None,
+                 progress: bool = True, train: bool = True):
+        self.cfg = cfg
+        self.info = info or DistInfo()
+        self.progress = progress and self.info.is_main
+        t, d = cfg["train"], cfg["data"]
+        self.device = self.info.device
+        self.amp_dtype = _autocast_dtype(t["precision"], self.device)
+        seed = int(t["seed"])
+        torch.manual_seed(seed)          # identical backbone and adapter init on every rank
+        np.random.seed(seed)
+        random.seed(seed)
+
+        self.num_classes, self.class_names = resolve_classes(cfg)
+        self.model = build_model(cfg, self.num_classes, self.device)
+        if d["num_frames"] is not None and d["num_frames"] != self.model.num_frames:
+            raise ConfigError(f"data.num_frames={d['num_frames']} does not match the model's "
+                              f"num_frames={self.model.num_frames}")
+        self.val_ds = build_dataset(cfg, "val", self.model, self.num_classes, self.class_names) \
+            if d["val_list"] else None
+        self.train_ds = build_dataset(cfg, "train", self.model, self.num_classes, self.class_names) if train else None
+        torch.manual_seed(seed + 1 + self.info.rank)   # dropout differs per rank
+
+        self.global_step, self.epoch, self.step_in_epoch = 0, 0, 0
+        self.history: List[Dict[str, Any]] = []
+        self.skipped_total = 0
+        self.train_time = 0.0
+        self.train_clips = 0
+        self.ddp = None
+        if train:
+            self._setup_training()
+        if resume:
+            self._resume(resume, train=train)
+
+    # ------------------------------------------------------------------ set-up
+    def _setup_training(self):
+        t = self.cfg["train"]
+        world, accum, gb = self.info.world, t["grad_accum"], t["batch_size"]
+        if gb % (world * accum):
+            raise ConfigError(f"train.batch_size={gb} (global) must be divisible by world size {world} x "
+                              f"train.grad_accum={accum}")
+        self.per_rank = gb // (world * accum)
+        if len(self.train_ds) < gb:
+            raise ConfigError(f"the training list has {len(self.train_ds)} videos, fewer than one global batch "
+                              f"of train.batch_size={gb}")
+        self.steps_per_epoch = len(self.train_ds) // gb
+        self.total_steps = t["max_steps"] or t["epochs"] * self.steps_per_epoch
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        warmup = int(round(float(t["warmup_epochs"]) * self.steps_per_epoch))
+        params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError(f"method {self.model.method!r} left nothing to train")
+        decay = [p for n, p in params if p.ndim >= 2]
+        no_decay = [p for n, p in params if p.ndim < 2]   # biases, norms, temporal taps
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": float(t["weight_decay"])}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=float(t["lr"]), betas=tuple(float(b) for b in t["betas"]),
+            fused=self.device.type == "cuda")
+        min_ratio = float(t["min_lr"]) / float(t["lr"]) if float(t["lr"]) > 0 else 0.0
+        total = self.total_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: warmup_cosine(s, total, warmup, min_ratio))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=float(t["label_smoothing"]))
+        if self.info.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.loader, self.sampler = build_loader(self.train_ds, self.per_rank, self.info, self.cfg, train=True)
+
+    def _resume(self, path: str, train: bool):
+        weights, saved_cfg_text = ckpt.load_weights(path)
+        if saved_cfg_text:
+            import yaml
+
+            saved = yaml.safe_load(saved_cfg_text)
+            for key in ("backbone", "method", "num_frames"):
+                if saved["model"][key] != self.cfg["model"][key]:
+                    raise ConfigError(f"checkpoint {path!r} was trained with model.{key}={saved['model'][key]!r}, "
+                                      f"this run has model.{key}={self.cfg['model'][key]!r}")
+        self.model.load_adapter_state_dict(weights)
+        if not train:
+            return
+        st = ckpt.load_state(path)
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        self.scaler.load_state_dict(st["scaler"])
+        self.global_step, self.epoch, self.step_in_epoch = st["step"], st["epoch"], st["step_in_epoch"]
+        self.skipped_total = st.get("skipped_total", 0)
+        self.history = list(st.get("history", []))
+        rng = st["rng"]
+        if len(rng) != self.info.world:
+            log.warning("checkpoint holds RNG states for %d ranks, this run has %d: dropout masks after the "
+                        "resume will not match an uninterrupted run", len(rng), self.info.world)
+        _set_rng_state(rng[self.info.rank % len(rng)])
+        log.info("resumed from %s at step %d (epoch %d, step %d of it)", ckpt.find_checkpoint(path),
+                 self.global_step, self.epoch, self.step_in_epoch)
+
+    # ------------------------------------------------------------------ helpers
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _save(self, out_dir: str):
+        rngs = all_gather_objects(_rng_state(), self.info)
+        if not self.info.is_main:
+            return
+        state = {"step": self.global_step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict(), "rng": rngs, "skipped_total": self.skipped_total,
+                 "history": self.history, "world": self.info.world}
+        path = ckpt.save_checkpoint(os.path.join(out_dir, "checkpoints"), self.global_step,
+                                    self.model.adapter_state_dict(), state, dump(self.cfg),
+                                    keep=int(self.cfg["train"]["keep_checkpoints"]))
+        log.info("saved checkpoint %s", path)
+
+    # ------------------------------------------------------------------ training
+    def fit(self) -> Dict[str, Any]:
+        """Train to the end of the schedule (or ``stop_at_step``); return a summary dict."""
+        cfg, t = self.cfg, self.cfg["train"]
+        out = cfg["output_dir"]
+        logger = RunLogger(out, enabled=self.info.is_main, tensorboard=bool(cfg["tensorboard"]))
+        if self.info.is_main:
+            os.makedirs(out, exist_ok=True)
+            ckpt.atomic_write_text(os.path.join(out, "config.yaml"), dump(cfg))
+        logger.write({"event": "start" if self.global_step == 0 else "resume", "step": self.global_step,
+                      "method": self.model.method, "trainable_parameters": self.model.num_trainable_parameters(),
+                      "world": self.info.world, "device": str(self.device)})
+        model = self.ddp or self.model
+        accum = t["grad_accum"]
+        eval_every = int(t["eval_every"])
+        stop_at = t.get("stop_at_step")
+        last_eval: Dict[str, Any] = {}
+        try:
+            while self.global_step < self.total_steps and (stop_at is None or self.global_step < stop_at):
+                epoch = self.epoch
+                self.sampler.set_epoch(epoch, start=self.step_in_epoch * accum * self.per_rank)
+                self.model.train()
+                it = iter(self.loader)
+                skipped = torch.zeros(1, dtype=torch.long)
+                bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, disable=not self.progress,
+                           desc=f"epoch {epoch + 1}/{self.epochs} train", unit="step", leave=False)
+                while (self.step_in_epoch < self.steps_per_epoch and self.global_step < self.total_steps
+                       and (stop_at is None or self.global_step < stop_at)):
+                    t0 = time.perf_counter()
+                    losses = []
+                    for k in range(accum):
+                        batch = next(it)
+                        if batch["failed"]:
+                            skipped += len(batch["failed"])
+                            log.warning("rank %d: %d unreadable video(s) replaced: %s", self.info.rank,
+                                        len(batch["failed"]), batch["failed"][:3])
+                        video = batch["video"].to(self.device, non_blocking=True)
+                        label = batch["label"].to(self.device, non_blocking=True)
+                        sync = self.ddp.no_sync() if (self.ddp is not None and k < accum - 1) \
+                            else contextlib.nullcontext()
+                        with sync:
+                            with self._autocast():
+                                logits = model(video)
+                            loss = self.criterion(logits.float(), label)
+                            self.scaler.scale(loss / accum).backward()
+                        losses.append(loss.detach())
+                    if t["clip_grad"]:
+                        self.scaler.unscale_(self.optimizer)
+                        nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                                 float(t["clip_grad"]))
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    self.scheduler.step()
+                    self.global_step += 1
+                    self.step_in_epoch += 1
+                    step_loss = all_reduce_sum(torch.stack(losses).mean().float().cpu().reshape(1), self.info)
+                    step_loss = float(step_loss) / self.info.world
+                    if not math.isfinite(step_loss):
+                        raise FloatingPointError(f"loss is {step_loss} at step {self.global_step}; "
+                                                 "lower train.lr or use precision=fp32")
+                    self.train_time += time.perf_counter() - t0
+                    self.train_clips += t["batch_size"]
+                    self.history.append({"step": self.global_step, "loss": step_loss, "lr": lr})
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+                    if self.global_step % int(t["log_every"]) == 0 or self.global_step == self.total_steps:
+                        logger.write({"split": "train", "step": self.global_step, "epoch": epoch + 1,
+                                      "loss": step_loss, "lr": lr,
+                                      "clips_per_s": self.train_clips / max(self.train_time, 1e-9)},
+                                     step=self.global_step)
+                    ce = int(t["checkpoint_every"])
+                    if ce and self.global_step % ce == 0:
+                        self._save(out)
+                bar.close()
+                epoch_end = self.step_in_epoch >= self.steps_per_epoch or self.global_step >= self.total_steps
+                n_skipped = int(all_reduce_sum(skipped, self.info))
+                self.skipped_total += n_skipped
+                if n_skipped:
+                    log.warning("epoch %d: %d unreadable video(s) were skipped and replaced", epoch + 1, n_skipped)
+                if not epoch_end:
+                    self._save(out)   # stopped early (stop_at_step): keep the exact position
+                    break
+                self.epoch += 1
+                self.step_in_epoch = 0
+                logger.write({"event": "epoch_end", "epoch": self.epoch, "step": self.global_step,
+                              "skipped_videos": n_skipped, "skipped_videos_total": self.skipped_total})
+                if not int(t["checkpoint_every"]):
+                    self._save(out)
+                finished = self.global_step >= self.total_steps
+                if self.val_ds is not None and (finished or (eval_every and self.epoch % eval_every == 0)):
+                    last_eval = self.evaluate()
+                    logger.write({"split": "val", "step": self.global_step, "epoch": self.epoch, **last_eval},
+                                 step=self.global_step)
+        finally:
+            logger.close()
+        barrier(self.info)
+        return {"steps": self.global_step, "epochs": self.epoch, "history": self.history,
+                "skipped_videos": self.skipped_total, "eval": last_eval,
+                "train_time_s": self.train_time, "clips_per_s": self.train_clips / max(self.train_time, 1e-9),
+                "trainable_parameters": self.model.num_trainable_parameters()}
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, Any]:
+        """Top-1, top-5 and mean-class accuracy (percent) and loss on ``data.val_list``.
+
+        Each video's ``test_clips x test_crops`` views are classified separately and their
+        softmax outputs averaged. Ranks evaluate disjoint shares; counts are all-reduced.
+        """
+        if self.val_ds is None:
+            raise ConfigError("data.val_list is not set: nothing to evaluate")
+        d = self.cfg["data"]
+        views = d["test_clips"] * d["test_crops"]
+        batch = max(1, int(self.cfg["train"]["batch_size"]) // (self.info.world * int(self.cfg["train"]["grad_accum"])))
+        batch = max(1, batch // views)
+        loader, sampler = build_loader(self.val_ds, batch, self.info, self.cfg, train=False)
+        sampler.set_epoch(0)
+        was_training = self.model.training
+        self.model.eval()
+        C = self.num_classes
+        correct = torch.zeros(C, dtype=torch.float64)
+        total = torch.zeros(C, dtype=torch.float64)
+        top5 = torch.zeros(1, dtype=torch.float64)
+        nll = torch.zeros(1, dtype=torch.float64)
+        skipped = torch.zeros(1, dtype=torch.float64)
+        k = min(5, C)
+        for b in tqdm(loader, disable=not self.progress, desc="eval", unit="batch", leave=False):
+            v = b["video"]                                   # (B, V, T, 3, S, S)
+            n = v.shape[0]
+            with self._autocast():
+                logits = self.model(v.flatten(0, 1).to(self.device, non_blocking=True))
+            prob = logits.float().softmax(-1).reshape(n, views, C).mean(1).cpu()
+            label = b["label"]
+            pred = prob.topk(k, dim=-1).indices
+            hit1 = (pred[:, 0] == label).double()
+            correct.index_add_(0, label, hit1)
+            total.index_add_(0, label, torch.ones(n, dtype=torch.float64))
+            top5 += (pred == label[:, None]).any(-1).double().sum()
+            nll += -prob.gather(1, label[:, None]).clamp_min(1e-12).log().double().sum()
+            skipped += len(b["failed"])
+        stats = all_reduce_sum(torch.cat([correct, total, top5, nll, skipped]).to(self.device), self.info).cpu()
+        correct, total = stats[:C], stats[C:2 * C]
+        top5, nll, skipped = stats[2 * C], stats[2 * C + 1], stats[2 * C + 2]
+        n = float(total.sum())
+        seen = total > 0
+        self.model.train(was_training)
+        if skipped:
+            log.warning("evaluation: %d unreadable video(s) were skipped and replaced", int(skipped))
+        return {"top1": 100.0 * float(correct.sum()) / n, "top5": 100.0 * float(top5) / n,
+                "mean_class": 100.0 * float((correct[seen] / total[seen]).mean()), "loss": float(nll) / n,
+                "videos": int(n), "views": views, "skipped_videos": int(skipped)}
