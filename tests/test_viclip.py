@@ -307,3 +307,16 @@ def test_loaded_checkpoint_computes_the_official_forward():
         ref_v, ref_t = _official_forward(official, cfg, video, text)
         torch.testing.assert_close(model.encode_video(video), ref_v, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(model.encode_text(text), ref_t, rtol=1e-4, atol=1e-4)
+
+
+class _TrainingConfig:  # stands in for the pickled config object a training run may save
+    lr = 1e-3
+
+
+def test_checkpoint_file_with_pickled_objects_gets_a_clear_error(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": {}, "config": _TrainingConfig()}, path)
+    with pytest.raises(ValueError, match="weights_only=False"):
+        load_viclip_checkpoint(tiny_viclip(), str(path))
+    with pytest.raises(FileNotFoundError):
+        load_viclip_checkpoint(tiny_viclip(), str(tmp_path / "missing.pth"))

@@ -48,7 +48,8 @@ from DistributedDataParallel) is stripped.
 """
 from __future__ import annotations
 
-import math
+import os
+import pickle
 import warnings
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Mapping, Optional, Sequence, Union
@@ -311,7 +312,16 @@ def load_viclip_checkpoint(model: ViCLIP, path_or_state: Union[str, Mapping[str,
     """
     sd = path_or_state
     if isinstance(sd, str):
-        sd = torch.load(sd, map_location="cpu", weights_only=True)
+        if not os.path.isfile(sd):
+            raise FileNotFoundError(f"ViCLIP checkpoint {sd!r} does not exist")
+        try:
+            sd = torch.load(sd, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(
+                f"{path_or_state} holds more than tensors (e.g. a pickled training config), which torch.load "
+                "refuses with weights_only=True. If you trust the file, load it yourself and pass the dict: "
+                "load_viclip_checkpoint(model, torch.load(path, map_location='cpu', weights_only=False))"
+                f" ({str(e).splitlines()[0]})") from None
     if "model" in sd and isinstance(sd["model"], Mapping):
         sd = sd["model"]
     elif "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
