@@ -86,3 +86,14 @@ def test_task_config_errors():
         load_config("videotext_synthetic", ["task.name=retrieval"])
     with pytest.raises(ConfigError, match="task.shots must be a positive integer"):
         load_config("videotext_synthetic", ["task.shots=0"])
+
+
+def test_recognition_trainer_builds_viclip(synth, tmp_path, capsys):
+    d = synth
+    assert main(["train", "--config", "demo", "model.backbone=viclip-tiny", "model.method=msta",
+                 "model.options={bottleneck: 16, layers: [2, 3]}", "model.num_frames=4", f"data.root={d['root']}",
+                 f"data.train_list={d['train_list']}", f"data.val_list={d['val_list']}",
+                 f"data.class_names={d['class_names']}", "train.epochs=1", "train.batch_size=8",
+                 f"output_dir={tmp_path / 'rec'}", "--device", "cpu", "--no-progress"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["eval"]["videos"] == 8
