@@ -14,6 +14,10 @@ end-of-text token (the highest token id). Blocks are open_clip
 ``ResidualAttentionBlock`` s (QuickGELU), so vpeft's adapters see them exactly like the
 blocks of an open_clip model.
 
+Not carried over from the official code: the pre-training-only pieces (random token
+masking, drop path, dropout before the projection) and resizing the temporal embedding
+to another number of frames (build the model with the checkpoint's ``num_frames``).
+
 Checkpoints
 -----------
 :func:`load_viclip_checkpoint` reads the official ViCLIP checkpoint layout (OpenGVLab
