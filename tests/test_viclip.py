@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import vpeft
 import vpeft_kernels
-from vpeft.backbones.viclip import (ViCLIPConfig, create_viclip, from_official_state_dict, load_viclip_checkpoint,
+from vpeft.backbones.viclip import (VICLIP_CONFIGS, ViCLIPConfig, create_viclip, from_official_state_dict, load_viclip_checkpoint,
                                     to_official_state_dict)
 
 T = 4
@@ -114,8 +114,7 @@ def test_joint_attention_mixes_frames_and_text_context_is_32():
 
 
 def test_named_configs():
-    cfg_b = create_viclip.__globals__["VICLIP_CONFIGS"]["ViCLIP-B-16"]
-    cfg_l = create_viclip.__globals__["VICLIP_CONFIGS"]["ViCLIP-L-14"]
+    cfg_b, cfg_l = VICLIP_CONFIGS["ViCLIP-B-16"], VICLIP_CONFIGS["ViCLIP-L-14"]
     assert (cfg_b.vision_width, cfg_b.vision_layers, cfg_b.text_width, cfg_b.context_length) == (768, 12, 512, 32)
     assert (cfg_l.vision_width, cfg_l.vision_layers, cfg_l.text_width, cfg_l.text_layers) == (1024, 24, 768, 12)
     with pytest.raises(ValueError, match="unknown ViCLIP config"):
