@@ -1,5 +1,9 @@
 """The ``vpeft`` command: ``demo``, ``train``, ``eval``, ``make-synthetic``.
 
+``train`` / ``eval`` run recognition with a classifier (the Trainer) by default; with
+``--task zero_shot|few_shot|base_to_novel|retrieval`` (config key ``task.name``) they
+run a video-language task (:mod:`vpeft.tasks.runner`, one process).
+
 Multi-GPU (or multi-process CPU) training runs under torchrun, e.g.::
 
     torchrun --nproc_per_node 8 --no-python vpeft train --config side4video_ssv2_b16 data.root=...
@@ -40,7 +44,24 @@ def _config(args) -> dict:
         extra["output_dir"] = args.output_dir
     if getattr(args, "device", None):
         extra["device"] = args.device
+    task = {}
+    if getattr(args, "task", None):
+        task["name"] = args.task
+    if getattr(args, "adapters", None) and args.task not in (None, "recognition"):
+        task["adapters"] = args.adapters
+    if task:
+        extra["task"] = task
     return load_config(args.config, args.overrides, extra=extra)
+
+
+def _run_task(cfg, train: bool) -> int:
+    """The video-language tasks (zero_shot, few_shot, base_to_novel, retrieval): single process."""
+    from .tasks.runner import run_task
+
+    _setup_logging(0)
+    metrics = run_task(cfg, train=train)
+    print(json.dumps(metrics))
+    return 0
 
 
 def cmd_train(args) -> int:
@@ -48,6 +69,8 @@ def cmd_train(args) -> int:
     from .engine.distributed import cleanup
 
     cfg = _config(args)
+    if cfg["task"]["name"] != "recognition":
+        return _run_task(cfg, train=True)
     info = init_distributed(cfg["device"])
     _setup_logging(info.rank)
     try:
@@ -72,6 +95,10 @@ def cmd_eval(args) -> int:
     from .engine.distributed import cleanup
 
     cfg = _config(args)
+    if cfg["task"]["name"] != "recognition":
+        return _run_task(cfg, train=False)
+    if not args.adapters:
+        raise ValueError("vpeft eval needs --adapters PATH for task recognition")
     info = init_distributed(cfg["device"])
     _setup_logging(info.rank)
     try:
@@ -115,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--checkpoint", metavar="PATH", help="local backbone weights file (open_clip checkpoint)")
         sp.add_argument("--device", choices=["auto", "cpu"], help="run on the CPU even when CUDA is available")
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+        sp.add_argument("--task", choices=["recognition", "zero_shot", "few_shot", "base_to_novel", "retrieval"],
+                        help="config key task.name: recognition (classifier, default) or a video-language task")
         sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides such as train.lr=1e-4 model.options.preset=24x384")
 
@@ -127,8 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate trained adapter weights on data.val_list")
     common(e)
-    e.add_argument("--adapters", required=True, metavar="PATH",
-                   help="a run directory, checkpoint directory or adapter .safetensors file")
+    e.add_argument("--adapters", metavar="PATH",
+                   help="a run directory, checkpoint directory or adapter .safetensors file (required for "
+                        "recognition; for the video-language tasks: an adapters.pt, or none to evaluate the "
+                        "backbone as it is, e.g. zero-shot)")
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("make-synthetic", help="write the synthetic motion dataset (mp4 files and list files)")

@@ -104,8 +104,12 @@ class VideoModel(nn.Module):
 
     # ------------------------------------------------------------------ towers
     def _tokens(self, frames: torch.Tensor, stop_after: Optional[int] = None, keep: Tuple[int, ...] = ()):
-        """Run the vision tower per frame; return final tokens and the kept layers' outputs."""
-        x, kw = self.tower.embed(frames)
+        """Run the vision tower; return final tokens and the kept layers' outputs.
+
+        ``frames`` is ``(B*T, 3, H, W)`` for a per-frame tower, or the video
+        ``(B, T, 3, H, W)`` (any tower; a ViCLIP tower needs the whole clip).
+        """
+        x, kw = self.tower.embed_video(frames) if frames.dim() == 5 else self.tower.embed(frames)
         kept = []
         last = self.tower.depth - 1 if stop_after is None else stop_after
         for i in range(last + 1):
@@ -115,15 +119,16 @@ class VideoModel(nn.Module):
         return x, kept
 
     def _pooled(self, video: torch.Tensor) -> torch.Tensor:
-        """``(B, D)``: per-frame [CLS] averaged over T, then the tower's final norm."""
+        """``(B, D)``: per-frame [CLS] averaged over T (the clip's one [CLS] for ViCLIP),
+        then the tower's final norm."""
         b, t = video.shape[:2]
-        frames = video.flatten(0, 1)
+        frames = video if self.tower.layout == "nt" else video.flatten(0, 1)
         if self.method == "linear_probe":
             with torch.no_grad():
                 x, _ = self._tokens(frames)
         else:
             x, _ = self._tokens(frames)
-        cls = x[:, 0].reshape(b, t, -1).mean(1)
+        cls = x[:, 0] if self.tower.layout == "nt" else x[:, 0].reshape(b, t, -1).mean(1)
         return self.tower.final_norm(cls)
 
     def _ladder_levels(self, frames: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -246,12 +251,34 @@ def _check_layers(layers, depth_v: int, depth_t: Optional[int]) -> Tuple[int, in
     return first, last
 
 
+def _check_viclip(tower: VisionTower, method: str, num_frames: int) -> None:
+    """What each method means on ViCLIP (one [CLS] per clip, joint space-time attention).
+
+    ``linear_probe``, ``full_finetune``, ``msta`` (the paper's backbone; temporal
+    up-projection over the ``(n t)`` layout) and ``st_adapter`` (the same adapter on the
+    patch tokens, its temporal conv over the frames of each patch position, [CLS]
+    unchanged) are well defined. ``side4video`` is not: its ladder reads per-frame
+    features with a per-frame [CLS] (token shift, retrieval head), which ViCLIP does
+    not have.
+    """
+    if method == "side4video":
+        raise ValueError("side4video is not defined on ViCLIP: the side network's ladder, [CLS] token shift and "
+                         "retrieval head need per-frame features with a [CLS] token per frame, and ViCLIP has one "
+                         "[CLS] for the whole clip (joint space-time attention). Use an open_clip CLIP or EVA "
+                         "backbone for side4video, or msta/st_adapter on ViCLIP.")
+    if num_frames != tower.visual.num_frames:
+        raise ValueError(f"num_frames={num_frames} but this ViCLIP was built for {tower.visual.num_frames} frames "
+                         "(its temporal position embedding has that length)")
+
+
 def adapt(model: nn.Module, method: str, *, num_frames: int, num_classes: Optional[int] = None,
           **options) -> VideoModel:
-    """Adapt an open_clip model (``open_clip.create_model(...)``) to video, in place.
+    """Adapt an open_clip model (``open_clip.create_model(...)``) or a ViCLIP to video, in place.
 
     Args:
-        model: an open_clip model with a native ViT or timm EVA vision tower.
+        model: an open_clip model with a native ViT or timm EVA vision tower, or a
+            :class:`vpeft.backbones.viclip.ViCLIP` (not with ``side4video``, see
+            :func:`_check_viclip`; ``num_frames`` must be the ViCLIP's own).
         method: ``linear_probe``, ``full_finetune``, ``st_adapter``, ``msta`` or ``side4video``.
         num_frames: ``T``, the number of frames every clip has.
         num_classes: add a classifier with this many classes (None: embeddings only).
@@ -285,6 +312,8 @@ def adapt(model: nn.Module, method: str, *, num_frames: int, num_classes: Option
         raise ValueError("this model has already been adapted by vpeft; build a fresh model")
     tower = vision_tower(model)
     text = text_tower(model)
+    if tower.kind == "viclip":
+        _check_viclip(tower, method, num_frames)
     p = next(model.parameters())
     factory = dict(dtype=p.dtype)  # new modules are built on the backbone's device (see below)
     dropout = float(options.get("dropout", 0.5))
@@ -304,8 +333,10 @@ def _build(model, method, num_frames, num_classes, tower, text, factory, dropout
         r = int(options.get("bottleneck", 384))
         where = PRESETS[preset]
         for i, blk in enumerate(tower.blocks):
-            a_attn = STAdapter(tower.width, r, num_frames).to(**factory) if "attn" in where else None
-            a_mlp = STAdapter(tower.width, r, num_frames).to(**factory) if "mlp" in where else None
+            a_attn = STAdapter(tower.width, r, num_frames, layout=tower.layout).to(**factory) \
+                if "attn" in where else None
+            a_mlp = STAdapter(tower.width, r, num_frames, layout=tower.layout).to(**factory) \
+                if "mlp" in where else None
             tower.blocks[i] = STAdapterBlock(blk, tower.ops, a_attn, a_mlp)
     elif method == "msta":
         use_text = options.get("text", text is not None)
@@ -319,7 +350,7 @@ def _build(model, method, num_frames, num_classes, tower, text, factory, dropout
         for i in range(first - 1, last):
             m = FusedMSTA(tower.width, t.width if t else None, r, num_frames,
                           scale=float(options.get("scale", 0.005)),
-                          dropout=float(options.get("adapter_dropout", 0.1))).to(**factory)
+                          dropout=float(options.get("adapter_dropout", 0.1)), layout=tower.layout).to(**factory)
             msta.append(m)
             tower.blocks[i] = MSTABlock(tower.blocks[i], tower.ops, m, "vision")
             if t is not None:

@@ -47,8 +47,15 @@ def st_adapter(x, w_down, b_down, w_conv, b_conv, w_up, b_up, *, num_frames, bac
 
 
 def msta_adapter(u, w_down, b_down, w_shared, b_shared, w_up, b_up, w_tconv=None, b_tconv=None, *,
-                 scale, num_frames=None, dropout_p=0.0, backend: Optional[str] = None):
-    """MSTA branch ``scale * A(u)``; see :func:`vpeft_kernels.reference.msta_adapter`."""
+                 scale, num_frames=None, dropout_p=0.0, layout="bt", backend: Optional[str] = None):
+    """MSTA branch ``scale * A(u)``; see :func:`vpeft_kernels.reference.msta_adapter`.
+
+    ``layout="bt"`` (default): vision ``u`` is ``(B*T, 1+N, D)`` with a [CLS] per frame.
+    ``layout="nt"``: vision ``u`` is ``(B, 1+N*T, D)``, one [CLS] then patches in
+    ``(n t)`` order (ViCLIP). The text branch ignores it.
+    """
+    if layout not in ("bt", "nt"):
+        raise ValueError(f"layout must be 'bt' or 'nt', got {layout!r}")
     _tokens("u", u)
     d = u.shape[-1]
     r = w_down.shape[0]
@@ -67,13 +74,16 @@ def msta_adapter(u, w_down, b_down, w_shared, b_shared, w_up, b_up, w_tconv=None
             raise ValueError(f"bottleneck r={r} must divide the vision width D={d} (grouped temporal conv)")
         if num_frames is None:
             raise ValueError("num_frames is required for the vision adapter (w_tconv given)")
-        reference._frames(u.shape[0], num_frames, "u")
+        if layout == "bt":
+            reference._frames(u.shape[0], num_frames, "u")
+        else:
+            reference._patches_nt(u.shape[1] - 1, num_frames)
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     if float(scale) == 0.0:
         raise ValueError("scale must be non-zero (gradient scaling divides by it)")
     args = (u, w_down, b_down, w_shared, b_shared, w_up, b_up, w_tconv, b_tconv)
-    kw = dict(scale=scale, num_frames=num_frames, dropout_p=float(dropout_p))
+    kw = dict(scale=scale, num_frames=num_frames, dropout_p=float(dropout_p), layout=layout)
     fn = _backend.select("msta_adapter", backend, *args, **kw)
     return fn(*args, **kw)
 

@@ -42,6 +42,16 @@ def _frames(rows: int, num_frames: int, what: str) -> int:
     return rows // num_frames
 
 
+def _patches_nt(tokens: int, num_frames: int) -> int:
+    if not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+    if tokens % num_frames:
+        raise ValueError(
+            f"u has {tokens} patch tokens after the [CLS], which is not a multiple of num_frames={num_frames}; "
+            "expected (B, 1+N*T, D) with patches in (n t) order for layout='nt'")
+    return tokens // num_frames
+
+
 def temporal_taps(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
     """3-tap temporal cross-correlation with zero padding along dim 1.
 
@@ -97,7 +107,7 @@ def st_adapter(x, w_down, b_down, w_conv, b_conv, w_up, b_up, *, num_frames):
 
 
 def msta_adapter(u, w_down, b_down, w_shared, b_shared, w_up, b_up, w_tconv=None, b_tconv=None,
-                 *, scale, num_frames=None, dropout_p=0.0):
+                 *, scale, num_frames=None, dropout_p=0.0, layout="bt"):
     """MSTA adapter branch ``scale * A(u)`` with MSTA's gradient scaling.
 
     ``h = dropout(relu(shared(relu(down(u)))))``. Text (``w_tconv is None``):
@@ -114,6 +124,16 @@ def msta_adapter(u, w_down, b_down, w_shared, b_shared, w_up, b_up, w_tconv=None
 
     Shapes: ``w_down (r, D)``, ``b_down (r,)``, ``w_shared (r, r)``, ``b_shared (r,)``,
     ``w_up (D, r)``, ``b_up (D,)``. Dropout (``dropout_p > 0``) uses torch's RNG.
+
+    ``layout`` says how the vision tokens are arranged (ignored for text):
+
+    * ``"bt"`` (per-frame backbones such as CLIP): ``u`` is ``(B*T, 1+N, D)``, frames in
+      ``(b t)`` order, one [CLS] per frame;
+    * ``"nt"`` (video backbones with joint space-time attention such as ViCLIP): ``u``
+      is ``(B, 1+N*T, D)``: one [CLS] for the whole clip, then the patch tokens in
+      ``(n t)`` order (token ``1 + n*T + t`` is patch ``n`` of frame ``t``). The temporal
+      taps mix the ``T`` adjacent tokens of each patch position; the [CLS] gets
+      ``up_s(h)`` only.
     """
     s = float(scale)
     if s == 0.0:
@@ -128,12 +148,21 @@ def msta_adapter(u, w_down, b_down, w_shared, b_shared, w_up, b_up, w_tconv=None
     if w_tconv is not None:
         if num_frames is None:
             raise ValueError("num_frames is required with the temporal up-projection (vision adapter)")
-        bt, n1, _ = u.shape
-        bsz = _frames(bt, num_frames, "u")
         if d % r:
             raise ValueError(f"bottleneck r={r} must divide the width D={d} for the grouped temporal conv")
-        hp = h[:, 1:].repeat_interleave(d // r, dim=-1).reshape(bsz, num_frames, n1 - 1, d)
-        t = temporal_taps(hp, w_tconv, b_tconv).reshape(bt, n1 - 1, d)
+        if layout == "bt":
+            bt, n1, _ = u.shape
+            bsz = _frames(bt, num_frames, "u")
+            hp = h[:, 1:].repeat_interleave(d // r, dim=-1).reshape(bsz, num_frames, n1 - 1, d)
+            t = temporal_taps(hp, w_tconv, b_tconv).reshape(bt, n1 - 1, d)
+        elif layout == "nt":
+            bsz, nt1, _ = u.shape
+            n = _patches_nt(nt1 - 1, num_frames)
+            # (B, N*T, r) in (n t) order -> (B, T, N, D_v) so the taps run over frames
+            hp = h[:, 1:].repeat_interleave(d // r, dim=-1).reshape(bsz, n, num_frames, d).transpose(1, 2)
+            t = temporal_taps(hp, w_tconv, b_tconv).transpose(1, 2).reshape(bsz, n * num_frames, d)
+        else:
+            raise ValueError(f"layout must be 'bt' or 'nt', got {layout!r}")
         a = torch.cat([a[:, :1], a[:, 1:] + t], dim=1)
     return grad_scale(s * a, 1.0 / s)
 

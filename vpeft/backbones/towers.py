@@ -9,9 +9,16 @@ understood:
 * open_clip's ``TimmModel`` wrapping a timm ``Eva`` trunk (EVA02-B-16 ... EVA02-E-14):
   blocks are ``EvaBlock`` (pre-norm) or ``EvaBlockPostNorm`` (post-norm, ViT-E).
 
-A tower exposes the token stream ``(B*T, 1+N, D)`` block by block (``embed``,
-``blocks``, ``block_kwargs``), the pieces of one block (:class:`BlockOps`) so adapters
-can be placed inside it, and the final norm and projection of the [CLS] feature.
+and one video tower:
+
+* vpeft's :class:`vpeft.backbones.viclip.ViCLIPVision` (kind ``"viclip"``): joint
+  space-time attention over one clip, open_clip ``ResidualAttentionBlock`` s.
+
+A tower exposes its token stream block by block (``embed`` / ``embed_video``,
+``blocks``), the pieces of one block (:class:`BlockOps`) so adapters can be placed
+inside it, and the final norm and projection of the [CLS] feature. The stream's
+``layout`` is ``"bt"`` for per-frame towers, ``(B*T, 1+N, D)`` with a [CLS] per frame,
+and ``"nt"`` for ViCLIP, ``(B, 1+N*T, D)`` with one [CLS] and patches in ``(n t)`` order.
 """
 from __future__ import annotations
 
@@ -130,7 +137,7 @@ class VisionTower:
     """A per-frame view of an open_clip vision tower (``model.visual``)."""
 
     visual: nn.Module
-    kind: str                    # "openclip_vit" or "timm_eva"
+    kind: str                    # "openclip_vit", "timm_eva" or "viclip"
     blocks: nn.ModuleList
     ops: BlockOps
     width: int
@@ -156,9 +163,22 @@ class VisionTower:
     def post_norm(self) -> bool:
         return self.ops.post_norm
 
+    @property
+    def layout(self) -> str:
+        """``"bt"``: per-frame tokens ``(B*T, 1+N, D)``; ``"nt"``: one clip ``(B, 1+N*T, D)``."""
+        return "nt" if self.kind == "viclip" else "bt"
+
+    def embed_video(self, video: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        """Video ``(B, T, 3, H, W)`` -> the token stream in this tower's :attr:`layout`."""
+        if self.kind == "viclip":
+            return self.visual.embed(video), {}
+        return self.embed(video.flatten(0, 1))
+
     def embed(self, frames: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Any]]:
         """Images ``(M, 3, H, W)`` -> tokens ``(M, 1+N, D)`` and the keywords every block needs."""
         v = self.visual
+        if self.kind == "viclip":
+            raise ValueError("a ViCLIP tower embeds whole clips; use embed_video((B, T, 3, H, W))")
         if self.kind == "openclip_vit":
             return v._embeds(frames), {}
         trunk = v.trunk
@@ -169,14 +189,14 @@ class VisionTower:
 
     def final_norm(self, cls: torch.Tensor) -> torch.Tensor:
         """The tower's final normalisation applied to a [CLS] feature ``(..., D)``."""
-        if self.kind == "openclip_vit":
+        if self.kind in ("openclip_vit", "viclip"):
             return self.visual.ln_post(cls)
         trunk = self.visual.trunk
         return trunk.fc_norm(trunk.norm(cls))
 
     def project(self, feat: torch.Tensor) -> torch.Tensor:
         """The tower's output projection (into the joint image-text space)."""
-        if self.kind == "openclip_vit":
+        if self.kind in ("openclip_vit", "viclip"):
             proj = self.visual.proj
             return feat if proj is None else feat @ proj
         trunk = self.visual.trunk  # open_clip uses the trunk's classifier as projection when timm_proj is null
@@ -194,6 +214,11 @@ def vision_tower(model: nn.Module) -> VisionTower:
     v = getattr(model, "visual", model)
     mean = tuple(getattr(v, "image_mean", None) or OPENAI_MEAN)
     std = tuple(getattr(v, "image_std", None) or OPENAI_STD)
+    from .viclip import ViCLIPVision  # local import: viclip imports nothing from here, but keep towers light
+    if isinstance(v, ViCLIPVision):
+        blocks = v.transformer.resblocks
+        return VisionTower(v, "viclip", blocks, block_ops(blocks[0]), int(v.transformer.width),
+                           _pair(v.image_size), _pair(v.patch_size), mean, std)
     if hasattr(v, "transformer") and hasattr(v, "conv1") and hasattr(v, "class_embedding"):
         if getattr(v, "attn_pool", None) is not None:
             raise ValueError("open_clip vision towers with attentional pooling (CoCa) are not supported")

@@ -47,15 +47,53 @@ _SHAPES = {
 }
 
 
+SHAPE_WORDS = {"triangle": "triangle", "arrow": "arrow", "tee": "T shape"}
+
+SPATIAL_DESCRIPTIONS = {
+    c: ["a bright triangle, arrow or T shape on a dark, slightly noisy background",
+        "one flat-coloured shape, about a fifth of the frame across"] for c in range(4)}
+"""The classes look alike in a still frame: one spatial description fits all of them."""
+
+TEMPORAL_DESCRIPTIONS = {
+    0: ["the shape moves down the screen while it spins clockwise", "it falls, turning to the right as it goes"],
+    1: ["the shape moves down the screen while it spins anticlockwise", "it falls, turning to the left as it goes"],
+    2: ["the shape moves up the screen while it spins clockwise", "it rises, turning to the right as it goes"],
+    3: ["the shape moves up the screen while it spins anticlockwise", "it rises, turning to the left as it goes"],
+}
+
+ZERO_SHOT_SPLITS = ([0, 1, 2], [1, 2, 3], [0, 2, 3])
+"""Class subsets for exercising the zero-shot split protocol on the four classes."""
+
+
+def caption(meta: dict) -> str:
+    """A one-sentence caption of a clip from :func:`render_video`'s ``meta``, e.g.
+    ``"a small red arrow falls to the left quickly, turning clockwise"``."""
+    label = int(meta["label"])
+    fg = meta["fg"]
+    colour = ("red", "green", "blue")[int(np.argmax(fg))] if max(fg) - min(fg) > 50 else "pale"
+    size = "small" if meta["radius"] < 0.205 else "large"
+    verb = "falls" if label in (0, 1) else "rises"
+    dx = math.cos(meta["phi"])
+    side = "straight" if abs(dx) < 0.26 else ("to the right" if dx > 0 else "to the left")
+    pace = "slowly" if meta["speed"] < 0.027 else "quickly"
+    turn = "clockwise" if label in (0, 2) else "anticlockwise"
+    return f"a {size} {colour} {SHAPE_WORDS[meta['shape']]} {verb} {side} {pace}, turning {turn}"
+
+
 def render_video(label: int, rng: np.random.Generator, *, size: int = 40, frames: int = 16,
-                 supersample: int = 4) -> np.ndarray:
-    """One clip of class ``label`` as ``uint8 (frames, size, size, 3)``."""
+                 supersample: int = 4, meta: Optional[dict] = None) -> np.ndarray:
+    """One clip of class ``label`` as ``uint8 (frames, size, size, 3)``.
+
+    ``meta``, when given, is filled with the drawn parameters (shape, direction, size,
+    speed, colours) for :func:`caption`; the random draws are the same either way.
+    """
     from PIL import Image, ImageDraw
 
     if label not in range(4):
         raise ValueError(f"label must be 0..3, got {label}")
     falls, clockwise = label in (0, 1), label in (0, 2)
-    shape = _SHAPES[list(_SHAPES)[int(rng.integers(len(_SHAPES)))]]
+    shape_name = list(_SHAPES)[int(rng.integers(len(_SHAPES)))]
+    shape = _SHAPES[shape_name]
     radius = size * rng.uniform(0.17, 0.24)
     speed = size * rng.uniform(0.022, 0.032)            # pixels per frame
     omega = math.radians(rng.uniform(14.0, 22.0))       # turn per frame
@@ -71,6 +109,9 @@ def render_video(label: int, rng: np.random.Generator, *, size: int = 40, frames
     centre = rng.uniform(lo, np.maximum(hi, lo))
     fg = rng.integers(120, 256, size=3)
     bg = rng.integers(0, 90, size=3)
+    if meta is not None:
+        meta.update(label=label, shape=shape_name, radius=radius / size,
+                    speed=speed / size, phi=phi, fg=[int(c) for c in fg])
     S = size * supersample
     out = np.empty((frames, size, size, 3), dtype=np.uint8)
     for t in range(frames):
@@ -106,7 +147,7 @@ def write_mp4(path: str, frames: np.ndarray, fps: int = 8, crf: int = 18) -> Non
 
 
 def write_synthetic(out_dir: str, *, num_train: int = 800, num_val: int = 240, size: int = 40, frames: int = 16,
-                    seed: int = 0, progress: bool = True) -> Dict[str, str]:
+                    seed: int = 0, progress: bool = True) -> Dict[str, object]:
     """Write the dataset under ``out_dir`` and return the paths a config needs.
 
     Layout: ``videos/{train,val}/NNNNN.mp4``, ``train.txt`` (``path label`` lines),
@@ -114,6 +155,11 @@ def write_synthetic(out_dir: str, *, num_train: int = 800, num_val: int = 240, s
     ``flip_label_map.json``. Classes are balanced; each video's content depends only on
     ``seed`` and its index. ``done.json`` is written last, so a half-written directory
     is recognisable.
+
+    For the video-language tasks it also writes ``train_captions.txt`` and
+    ``val_captions.txt`` (``path<TAB>caption``, see :func:`caption`),
+    ``descriptions_spatial.json`` / ``descriptions_temporal.json`` (MSTA's description
+    files) and ``zero_shot_split{1,2,3}.txt`` (class subsets).
     """
     from tqdm import tqdm
 
@@ -122,14 +168,17 @@ def write_synthetic(out_dir: str, *, num_train: int = 800, num_val: int = 240, s
     os.makedirs(out_dir, exist_ok=True)
     jobs = [("train", i) for i in range(num_train)] + [("val", i) for i in range(num_val)]
     rows: Dict[str, List[str]] = {"train": [], "val": []}
+    captions: Dict[str, List[str]] = {"train": [], "val": []}
     for split in rows:
         os.makedirs(os.path.join(out_dir, "videos", split), exist_ok=True)
     for split, i in tqdm(jobs, desc=f"writing synthetic videos to {out_dir}", disable=not progress, unit="video"):
         label = i % 4
         rng = np.random.default_rng([seed, 0 if split == "train" else 1, i])
         rel = f"videos/{split}/{i:05d}.mp4"
-        write_mp4(os.path.join(out_dir, rel), render_video(label, rng, size=size, frames=frames))
+        meta: dict = {}
+        write_mp4(os.path.join(out_dir, rel), render_video(label, rng, size=size, frames=frames, meta=meta))
         rows[split].append(f"{rel} {label}" if split == "train" else f"{rel},{label}")
+        captions[split].append(f"{rel}\t{caption(meta)}")
     paths = dict(root=out_dir, train_list=os.path.join(out_dir, "train.txt"),
                  val_list=os.path.join(out_dir, "val.csv"), class_names=os.path.join(out_dir, "classes.txt"),
                  flip_label_map=os.path.join(out_dir, "flip_label_map.json"))
@@ -141,6 +190,20 @@ def write_synthetic(out_dir: str, *, num_train: int = 800, num_val: int = 240, s
         f.write("\n".join(CLASS_NAMES) + "\n")
     with open(paths["flip_label_map"], "w") as f:
         json.dump({str(k): v for k, v in FLIP_LABEL_MAP.items()}, f)
+    for split in ("train", "val"):
+        paths[f"{split}_captions"] = os.path.join(out_dir, f"{split}_captions.txt")
+        with open(paths[f"{split}_captions"], "w") as f:
+            f.write("\n".join(captions[split]) + "\n")
+    for kind, desc in (("spatial", SPATIAL_DESCRIPTIONS), ("temporal", TEMPORAL_DESCRIPTIONS)):
+        paths[f"{kind}_descriptions"] = os.path.join(out_dir, f"descriptions_{kind}.json")
+        with open(paths[f"{kind}_descriptions"], "w") as f:
+            json.dump({str(k): v for k, v in desc.items()}, f, indent=1)
+    paths["zero_shot_splits"] = []
+    for i, classes in enumerate(ZERO_SHOT_SPLITS, start=1):
+        p = os.path.join(out_dir, f"zero_shot_split{i}.txt")
+        with open(p, "w") as f:
+            f.write("\n".join(str(c) for c in classes) + "\n")
+        paths["zero_shot_splits"].append(p)
     with open(os.path.join(out_dir, "done.json"), "w") as f:
         json.dump(dict(num_train=num_train, num_val=num_val, size=size, frames=frames, seed=seed), f)
     return paths

@@ -100,7 +100,8 @@ def _checkpoint_block(block: torch.nn.Module) -> None:
 def build_model(cfg: Dict[str, Any], num_classes: int, device: torch.device) -> VideoModel:
     """The backbone adapted by ``model.method`` with a ``num_classes`` classifier, on ``device``."""
     m = cfg["model"]
-    backbone = create_backbone(m["backbone"], m["pretrained"], m["checkpoint"])
+    from ..tasks.runner import build_backbone  # ViCLIP names and the text-capable tiny configs, else create_backbone
+    backbone = build_backbone(cfg)
     options = dict(m["options"])
     if cfg["train"]["activation_checkpointing"] and m["method"] == "side4video":
         options["checkpointing"] = True

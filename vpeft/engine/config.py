@@ -64,12 +64,28 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "keep_checkpoints": 2,
         "stop_at_step": None,        # end this invocation after this step (schedule unchanged; continue with --resume)
     },
+    "task": {
+        "name": "recognition",       # recognition (classifier head, the Trainer) or a video-language task:
+                                     # zero_shot, few_shot, base_to_novel, retrieval (vpeft.tasks.runner)
+        "template": "a video of {}", # class prompt (video-language recognition tasks)
+        "shots": None,               # K videos per class (few_shot; base_to_novel: null = all base videos)
+        "seed": 0,                   # seed of the K-shot draw
+        "splits": [],                # zero_shot: class-split files (class indices, one per line)
+        "eval_class_names": None,    # zero_shot: class names of the evaluated classes (default data.class_names)
+        "base_classes": None,        # base_to_novel: file of base class indices (default: the first half)
+        "spatial_descriptions": None,   # MSTA consistency loss: JSON class index -> list of descriptions
+        "temporal_descriptions": None,
+        "alpha": 1.0,                # weight of the consistency loss
+        "train_text": False,         # retrieval: also fine-tune the text tower
+        "text_lr": 1e-7,             # retrieval: lr of the text tower when train_text
+        "adapters": None,            # trained weights (adapters.pt of a task run) to start from / evaluate
+    },
     "output_dir": "runs/default",
     "tensorboard": True,
     "device": "auto",                # auto (CUDA when available) or cpu
 }
 
-SECTIONS = ("model", "data", "train")
+SECTIONS = ("model", "data", "train", "task")
 
 
 class ConfigError(ValueError):
@@ -187,12 +203,32 @@ def validate(cfg: Dict[str, Any]) -> None:
     cs = d["crop_scale"]
     if not (isinstance(cs, (list, tuple)) and len(cs) == 2 and 0 < float(cs[0]) <= float(cs[1]) <= 1):
         raise ConfigError(f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {cs!r}")
+    _validate_task(cfg)
     for k in ("lr", "weight_decay", "label_smoothing", "warmup_epochs", "flip", "color_jitter", "grayscale"):
         sec = "train" if k in t else "data"
         try:
             float(cfg[sec][k])
         except (TypeError, ValueError):
             raise ConfigError(f"{sec}.{k} must be a number, got {cfg[sec][k]!r}") from None
+
+
+def _validate_task(cfg: Dict[str, Any]) -> None:
+    t = cfg["task"]
+    names = ("recognition", "zero_shot", "few_shot", "base_to_novel", "retrieval")
+    if t["name"] not in names:
+        raise ConfigError(f"task.name={t['name']!r}; expected one of {names}")
+    if t["shots"] is not None and (not isinstance(t["shots"], int) or isinstance(t["shots"], bool)
+                                   or t["shots"] < 1):
+        raise ConfigError(f"task.shots must be a positive integer or null, got {t['shots']!r}")
+    if not isinstance(t["splits"], (list, tuple)):
+        raise ConfigError(f"task.splits must be a list of class-split files, got {t['splits']!r}")
+    if not isinstance(t["template"], str) or "{}" not in t["template"]:
+        raise ConfigError(f"task.template must contain '{{}}' for the class name, got {t['template']!r}")
+    if t["name"] == "retrieval" and cfg["model"]["method"] != "side4video":
+        raise ConfigError(f"task.name=retrieval is Side4Video's retrieval; model.method={cfg['model']['method']!r}")
+    if t["name"] in ("zero_shot", "few_shot", "base_to_novel") and cfg["model"]["method"] == "side4video":
+        raise ConfigError(f"task.name={t['name']} matches videos with class prompts in the joint space; side4video's "
+                          "feature is not in it (use task.name=retrieval or recognition)")
 
 
 def flip_label_map(value) -> Dict[int, int]:

@@ -25,13 +25,18 @@ class FusedMSTA(nn.Module):
         vision_width: ``D_v``. text_width: ``D_t`` (None: vision adapter only).
         bottleneck: ``r``, must divide ``D_v``. num_frames: ``T``.
         scale: ``s``. dropout: ``p`` on the bottleneck (active in training mode).
+        layout: ``"bt"`` vision tokens ``(B*T, 1+N, D)`` (per-frame CLIP) or ``"nt"``
+        ``(B, 1+N*T, D)`` with patches in ``(n t)`` order (ViCLIP).
 
     Init: Kaiming normal (fan_out, relu) weights, zero biases.
     """
 
     def __init__(self, vision_width: int, text_width: Optional[int] = None, bottleneck: int = 128,
-                 num_frames: int = 8, scale: float = 0.005, dropout: float = 0.1):
+                 num_frames: int = 8, scale: float = 0.005, dropout: float = 0.1, layout: str = "bt"):
         super().__init__()
+        if layout not in ("bt", "nt"):
+            raise ValueError(f"layout must be 'bt' (per-frame tokens) or 'nt' (ViCLIP clip tokens), got {layout!r}")
+        self.layout = layout
         if bottleneck < 1 or vision_width % bottleneck:
             raise ValueError(f"MSTA bottleneck r={bottleneck} must divide the vision width D={vision_width} "
                              "(the temporal up-projection has groups=r)")
@@ -66,11 +71,11 @@ class FusedMSTA(nn.Module):
         return self.dropout if self.training else 0.0
 
     def vision(self, u: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
-        """Vision branch on normalised tokens ``u`` ``(B*T, 1+N, D_v)``."""
+        """Vision branch on normalised tokens ``u`` in this layer's ``layout``."""
         return vpeft_kernels.msta_adapter(
             u, self.vision_down.weight, self.vision_down.bias, self.shared.weight, self.shared.bias,
             self.vision_up.weight, self.vision_up.bias, self.vision_tconv_weight, self.vision_tconv_bias,
-            scale=self.scale, num_frames=self.num_frames, dropout_p=self._p(), backend=backend)
+            scale=self.scale, num_frames=self.num_frames, dropout_p=self._p(), layout=self.layout, backend=backend)
 
     def text(self, u: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         """Text branch on normalised tokens ``u`` ``(B, L, D_t)``."""
@@ -97,6 +102,10 @@ class MSTABlock(nn.Module):
         self.ops = ops
         self.modality = modality
         object.__setattr__(self, "msta", msta)
+
+    def get_weight_dtype(self) -> torch.dtype:
+        """open_clip's ``Transformer.get_cast_dtype`` (used by ``encode_text``) asks block 0 for this."""
+        return self.block.get_weight_dtype()
 
     def forward(self, x, *args, **kwargs):
         y = self.block(x, *args, **kwargs)

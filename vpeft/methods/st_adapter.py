@@ -21,13 +21,19 @@ class STAdapter(nn.Module):
         width: backbone width ``D``.
         bottleneck: ``r``.
         num_frames: ``T``; inputs are ``(B*T, 1+N, D)`` in ``(b t)`` order.
+        layout: ``"bt"`` as above, or ``"nt"``: inputs ``(B, 1+N*T, D)`` with one [CLS]
+        and patches in ``(n t)`` order (ViCLIP); the patches are regrouped per frame,
+        adapted by the same op, and put back, the [CLS] unchanged.
 
     Initialised as the identity: temporal taps, temporal bias and both linear biases
     are zero (the linear weights keep PyTorch's default init).
     """
 
-    def __init__(self, width: int, bottleneck: int = 384, num_frames: int = 8):
+    def __init__(self, width: int, bottleneck: int = 384, num_frames: int = 8, layout: str = "bt"):
         super().__init__()
+        if layout not in ("bt", "nt"):
+            raise ValueError(f"layout must be 'bt' (per-frame tokens) or 'nt' (ViCLIP clip tokens), got {layout!r}")
+        self.layout = layout
         if width < 1 or bottleneck < 1:
             raise ValueError(f"width and bottleneck must be positive, got {width} and {bottleneck}")
         if num_frames < 1:
@@ -40,10 +46,24 @@ class STAdapter(nn.Module):
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.bias)
 
-    def forward(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+    def _op(self, x, backend):
         return vpeft_kernels.st_adapter(
             x, self.down.weight, self.down.bias, self.temporal_weight, self.temporal_bias,
             self.up.weight, self.up.bias, num_frames=self.num_frames, backend=backend)
+
+    def forward(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+        if self.layout == "bt":
+            return self._op(x, backend)
+        b, nt1, d = x.shape
+        t = self.num_frames
+        if (nt1 - 1) % t:
+            raise ValueError(f"x has {nt1 - 1} patch tokens, not a multiple of num_frames={t} (layout 'nt')")
+        n = (nt1 - 1) // t
+        patches = x[:, 1:].reshape(b, n, t, d).transpose(1, 2).reshape(b * t, n, d)
+        cls = x[:, :1].expand(b, t, d).reshape(b * t, 1, d)   # passes through the op unchanged
+        out = self._op(torch.cat([cls, patches], dim=1), backend)[:, 1:]
+        out = out.reshape(b, t, n, d).transpose(1, 2).reshape(b, n * t, d)
+        return torch.cat([x[:, :1], out], dim=1)
 
 
 class STAdapterBlock(nn.Module):

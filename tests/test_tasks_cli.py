@@ -1,0 +1,99 @@
+"""`vpeft train/eval --task ...` end to end on a tiny synthetic dataset written to disk."""
+import json
+import os
+
+import pytest
+import torch
+
+from vpeft.cli import main
+from vpeft.data.synthetic import caption, render_video, write_synthetic
+from vpeft.engine.config import ConfigError, load_config
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    d = tmp_path_factory.mktemp("synth")
+    return write_synthetic(str(d), num_train=16, num_val=8, size=32, frames=4, progress=False)
+
+
+def _args(synth, out, *extra, config="videotext_synthetic"):
+    d = synth
+    return ["--config", config, f"data.root={d['root']}", f"data.train_list={d['train_list']}",
+            f"data.val_list={d['val_list']}", f"data.class_names={d['class_names']}", "model.num_frames=4",
+            "train.epochs=1", f"output_dir={out}", *extra]
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.json")) as f:
+        return json.load(f)
+
+
+def test_synthetic_writer_adds_captions_descriptions_and_splits(synth):
+    with open(synth["val_captions"]) as f:
+        lines = f.read().splitlines()
+    assert len(lines) == 8 and all("\t" in ln and "turning" in ln for ln in lines)
+    with open(synth["temporal_descriptions"]) as f:
+        assert sorted(json.load(f)) == ["0", "1", "2", "3"]
+    assert len(synth["zero_shot_splits"]) == 3
+    meta = {}
+    render_video(2, __import__("numpy").random.default_rng(0), size=32, frames=4, meta=meta)
+    assert " rises " in caption(meta) and caption(meta).endswith("turning clockwise")
+
+
+def test_few_shot_train_then_eval_with_adapters(synth, tmp_path, capsys):
+    out = str(tmp_path / "fs")
+    d = synth
+    assert main(["train", "--task", "few_shot", *_args(synth, out, "task.shots=2",
+                 f"task.spatial_descriptions={d['spatial_descriptions']}",
+                 f"task.temporal_descriptions={d['temporal_descriptions']}")]) == 0
+    m = _metrics(out)
+    assert m["train_videos"] == 8 and m["videos"] == 8 and 0.0 <= m["top1"] <= 100.0
+    assert os.path.isfile(os.path.join(out, "adapters.pt"))
+    capsys.readouterr()
+    assert main(["eval", "--task", "few_shot", "--adapters", os.path.join(out, "adapters.pt"),
+                 *_args(synth, str(tmp_path / "fs_eval"))]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["top1"] == pytest.approx(m["top1"])   # the saved adapters reproduce the run's evaluation
+
+
+def test_base_to_novel_and_zero_shot(synth, tmp_path):
+    out = str(tmp_path / "b2n")
+    assert main(["train", "--task", "base_to_novel", *_args(synth, out, "task.shots=2")]) == 0
+    m = _metrics(out)
+    assert m["train_classes"] == [0, 1] and m["train_videos"] == 4
+    assert set(m) >= {"base", "novel", "hm"}
+    out = str(tmp_path / "zs")
+    splits = "[" + ",".join(synth["zero_shot_splits"]) + "]"
+    assert main(["eval", "--task", "zero_shot", *_args(synth, out, f"task.splits={splits}")]) == 0
+    m = _metrics(out)
+    assert len(m["splits"]) == 3 and m["splits"][0]["videos"] == 6
+
+
+def test_retrieval_train(synth, tmp_path):
+    out = str(tmp_path / "ret")
+    d = synth
+    assert main(["train", *_args(synth, out, f"data.train_list={d['train_captions']}",
+                                  f"data.val_list={d['val_captions']}", config="retrieval_synthetic")]) == 0
+    m = _metrics(out)
+    assert m["captions"] == 8 and m["videos"] == 8
+    assert set(m["t2v"]) == {"R@1", "R@5", "R@10", "MdR", "MnR"}
+
+
+def test_task_config_errors():
+    with pytest.raises(ConfigError, match="task.name='fewshot'"):
+        load_config("videotext_synthetic", ["task.name=fewshot"])
+    with pytest.raises(ConfigError, match="retrieval is Side4Video's"):
+        load_config("videotext_synthetic", ["task.name=retrieval"])
+    with pytest.raises(ConfigError, match="task.shots must be a positive integer"):
+        load_config("videotext_synthetic", ["task.shots=0"])
+
+
+def test_recognition_trainer_builds_viclip(synth, tmp_path, capsys):
+    d = synth
+    assert main(["train", "--config", "demo", "model.backbone=viclip-tiny", "model.method=msta",
+                 "model.options={bottleneck: 16, layers: [2, 3]}", "model.num_frames=4", f"data.root={d['root']}",
+                 f"data.train_list={d['train_list']}", f"data.val_list={d['val_list']}",
+                 f"data.class_names={d['class_names']}", "train.epochs=1", "train.batch_size=8",
+                 f"output_dir={tmp_path / 'rec'}", "--device", "cpu", "--no-progress"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["eval"]["videos"] == 8

@@ -1,0 +1,12 @@
+"""Video-language tasks: prompt-based recognition with MSTA's protocols and consistency
+loss (:mod:`.videotext`, :mod:`.consistency`), and Side4Video text-video retrieval
+(:mod:`.retrieval`)."""
+from .consistency import ConsistencyLoss, consistency_loss, frozen_text_tower, load_descriptions
+from .retrieval import RetrievalModel, TokenWiseMatching, retrieval_metrics
+from .videotext import (BaseNovelSplit, VideoTextClassifier, base_novel_split, base_to_novel_eval, encode_videos,
+                        few_shot_indices, harmonic_mean, read_class_split, subset_accuracy, zero_shot)
+
+__all__ = ["ConsistencyLoss", "consistency_loss", "frozen_text_tower", "load_descriptions", "RetrievalModel",
+           "TokenWiseMatching", "retrieval_metrics", "BaseNovelSplit", "VideoTextClassifier", "base_novel_split",
+           "base_to_novel_eval", "encode_videos", "few_shot_indices", "harmonic_mean", "read_class_split",
+           "subset_accuracy", "zero_shot"]
