@@ -426,3 +426,13 @@ def test_autocast_runs_in_the_autocast_dtype(op):
     assert out.dtype == amp and torch.equal(out.detach(), low[0])
     for leaf, g_low in zip(leaves, low[1:]):
         assert leaf.grad.dtype == torch.float32 and torch.equal(leaf.grad, g_low.float())
+
+
+def test_msta_nt_layout_is_declined_with_a_reason():
+    """ViCLIP's (n t) layout runs eager; asking the Triton kernels for it says why not."""
+    u, *w = msta_inputs(1, 2, 4, 32, 16)
+    u = u.reshape(1, -1, 32)[:, : 1 + 4 * 2]
+    why = vk.not_supported_reasons("msta_adapter", u, *w, scale=0.5, num_frames=2, layout="nt")["triton"]
+    assert any("layout='nt'" in r for r in why)
+    out = vk.msta_adapter(u, *w, scale=0.5, num_frames=2, layout="nt")  # auto: eager
+    assert out.shape == u.shape

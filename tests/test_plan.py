@@ -98,3 +98,12 @@ def test_real_oracle_recovers_from_out_of_memory_on_cpu(monkeypatch):
     assert res.best == 3 and res.first_failure == 4
     assert log == ["  batch 1: fits", "  batch 2: fits", "  batch 4: out of memory", "  batch 3: fits"]
     assert all(p.grad is None for p in vm.parameters())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error; this machine has CUDA")
+def test_vpeft_plan_subcommand_without_cuda_says_why(capsys):
+    from vpeft.cli import main
+
+    rc = main(["plan", "--method", "st_adapter_12x384", "--backbone", "ViT-B-16", "--frames", "8", "--budget", "40GB"])
+    assert rc == 2
+    assert "needs a CUDA device" in capsys.readouterr().err

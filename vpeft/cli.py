@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .engine.config import preset_names
 
     p = argparse.ArgumentParser(prog="vpeft", description="Parameter-efficient video adaptation of open_clip "
-                                "backbones: train, evaluate, demo.")
+                                "backbones: train, evaluate, demo, plan.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp):
@@ -177,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--methods", nargs="+", default=None, help="subset of: probe st_adapter msta side4video")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
+
+    from .plan import add_plan_parser
+
+    add_plan_parser(sub)
     return p
 
 

@@ -707,7 +707,7 @@ def st_adapter_triton(x, w_down, b_down, w_conv, b_conv, w_up, b_up, *, num_fram
 
 
 def msta_adapter_triton(u, w_down, b_down, w_shared, b_shared, w_up, b_up, w_tconv=None, b_tconv=None, *,
-                        scale, num_frames=None, dropout_p=0.0):
+                        scale, num_frames=None, dropout_p=0.0, layout="bt"):
     """Triton MSTA branch; same signature and numbers as :func:`reference.msta_adapter`.
 
     With ``dropout_p > 0`` a 31-bit seed is drawn from torch's RNG on ``u``'s device
@@ -758,8 +758,11 @@ def _st_reasons(x, w_down, b_down, w_conv, b_conv, w_up, b_up, *, num_frames) ->
 
 
 def _msta_reasons(u, w_down, b_down, w_shared, b_shared, w_up, b_up, w_tconv=None, b_tconv=None, *, scale,
-                  num_frames=None, dropout_p=0.0) -> List[str]:
+                  num_frames=None, dropout_p=0.0, layout="bt") -> List[str]:
     why = common_reasons((u, w_down, b_down, w_shared, b_shared, w_up, b_up, w_tconv, b_tconv))
+    if layout != "bt" and w_tconv is not None:
+        why.append(f"layout={layout!r} (ViCLIP clip tokens) is not implemented in the Triton kernels; "
+                   "they read temporal neighbours in the per-frame (b t) layout")
     r = w_down.shape[0]
     dtype = autocast_dtype(u.device.type) or u.dtype
     max_r = _MSTA_MAX_R.get(dtype, 0)
