@@ -202,6 +202,13 @@ class VisionTower:
         trunk = self.visual.trunk  # open_clip uses the trunk's classifier as projection when timm_proj is null
         return self.visual.head(trunk.head(trunk.head_drop(feat)))
 
+    @property
+    def embed_dim(self) -> int:
+        """Width of :meth:`project`'s output (the joint image-text space)."""
+        with torch.no_grad():
+            p = next(self.visual.parameters())
+            return self.project(torch.zeros(1, self.width, dtype=p.dtype, device=p.device)).shape[-1]
+
 
 def _pair(v) -> Tuple[int, int]:
     if isinstance(v, (tuple, list)):
