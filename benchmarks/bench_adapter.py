@@ -23,16 +23,13 @@ written with the device name, torch/triton versions and the command to
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import pathlib
-import platform
-import re
-import sys
 
 import pytest
 import torch
+
+from benchmarks import common
 
 if not os.path.exists("/dev/nvidiactl"):  # no NVIDIA driver: Triton kernels run interpreted
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -218,12 +215,6 @@ def test_adapter(benchmark, case, op, impl, mode, adapter_results):
     adapter_results.append(row)
 
 
-def _device_name():
-    if CUDA:
-        return torch.cuda.get_device_name(0)
-    return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
-
-
 def _size(n):
     if n is None:
         return "n/a"
@@ -275,17 +266,12 @@ def adapter_results(request):
         return
     import triton
     lines = _summary(rows)
-    device = _device_name()
-    out_dir = pathlib.Path(__file__).parent / "results" / re.sub(r"[^A-Za-z0-9_.-]+", "_", device)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "adapter.json"
-    payload = dict(device=device, torch=torch.__version__, triton=triton.__version__,
-                   python=platform.python_version(), command=" ".join(sys.argv),
-                   triton_interpret=os.environ.get("TRITON_INTERPRET", ""),
-                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   peak_flops=PEAK_FLOPS if CUDA else None, peak_bytes_per_s=PEAK_BYTES if CUDA else None,
+    env = common.environment(common.command_line())
+    device = env["device"]
+    path = common.results_dir() / "adapter.json"
+    payload = dict(env, peak_flops=PEAK_FLOPS if CUDA else None, peak_bytes_per_s=PEAK_BYTES if CUDA else None,
                    rows=rows)
-    path.write_text(json.dumps(payload, indent=1))
+    path.write_text(json.dumps(payload, indent=1, default=str))
     header = (f"adapter benchmark on {device} (torch {torch.__version__}, triton {triton.__version__})"
               + ("; CPU times use Triton's interpreter and say nothing about GPU speed" if not CUDA else ""))
     # output is captured while fixtures tear down: print from the terminal-summary hook

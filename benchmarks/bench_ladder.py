@@ -25,15 +25,12 @@ write no results file.
 """
 from __future__ import annotations
 
-import datetime
 import json
-import os
-import platform
-import re
-import sys
 
 import pytest
 import torch
+
+from benchmarks import common
 
 import vpeft_kernels as vk
 
@@ -190,19 +187,12 @@ def _ratios(records):
     return out
 
 
-def write_results(records, root):
-    """Write the GPU records to <root>/<device>/ladder.json; returns the path."""
-    name = torch.cuda.get_device_name(0)
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    path = os.path.join(root, slug, "ladder.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    doc = dict(
-        device=name, torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
-        extension=vk.extension_status()["summary"], command=" ".join(sys.argv),
-        date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        records=records, ratios=_ratios(records))
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=1)
+def write_results(records):
+    """Write the GPU records to results/<device>/ladder.json; returns the path."""
+    path = common.results_dir() / "ladder.json"
+    doc = dict(common.environment(common.command_line()), extension=vk.extension_status()["summary"],
+               records=records, ratios=_ratios(records))
+    path.write_text(json.dumps(doc, indent=1, default=str))
     return path
 
 
@@ -211,4 +201,4 @@ def _results_file():
     yield
     gpu = [r for r in _RECORDS if r["device"] == "cuda"]
     if gpu:  # only a real GPU run leaves a results file
-        write_results(gpu, os.path.join(os.path.dirname(__file__), "results"))
+        write_results(gpu)

@@ -31,13 +31,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
+
+from benchmarks import common
 import torch.nn.functional as F
 
 import vpeft_kernels
@@ -180,18 +178,11 @@ def _report(request):
             write(line)
             rows.append(line.strip())
     if CUDA:
-        name = re.sub(r"[^A-Za-z0-9._-]+", "-", torch.cuda.get_device_name()).strip("-")
-        out = Path(__file__).parent / "results" / name / "token_shift_attention.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({
-            "op": "token_shift_attention",
-            "device": torch.cuda.get_device_name(),
-            "torch": torch.__version__, "cuda": torch.version.cuda, "triton": TRITON_VERSION,
-            "command": " ".join([os.path.basename(sys.executable), "-m", "pytest"] + sys.argv[1:]),
-            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "results": [{"shape": s, "mode": m, "impl": i, **v} for (s, m, i), v in RESULTS.items()],
-            "ratios": rows,
-        }, indent=2))
+        out = common.results_dir() / "token_shift_attention.json"
+        out.write_text(json.dumps(dict(
+            common.environment(common.command_line()), op="token_shift_attention",
+            results=[{"shape": s, "mode": m, "impl": i, **v} for (s, m, i), v in RESULTS.items()],
+            ratios=rows), indent=2, default=str))
         write(f"  results written to {out}")
     # print past pytest's output capture, so the ratios show without -s
     tr = request.config.pluginmanager.getplugin("terminalreporter")
