@@ -154,10 +154,17 @@ def build_dataset(cfg: Dict[str, Any], split: str, model: VideoModel, num_classe
     key = "train_list" if split == "train" else "val_list"
     if not d[key]:
         raise ConfigError(f"data.{key} is not set")
-    root = _root(cfg)
     samples = read_list(d[key], num_classes=num_classes, class_names=names)
+    return dataset_from_samples(cfg, samples, model, train=(split == "train"))
+
+
+def dataset_from_samples(cfg: Dict[str, Any], samples, model: VideoModel, train: bool) -> VideoDataset:
+    """A :class:`VideoDataset` over ``samples`` under ``data.root`` with the config's sampling and
+    the train or test transform, normalised with the model's own mean and std."""
+    d = cfg["data"]
+    root = _root(cfg)
     size = model.tower.image_size[0]
-    if split == "train":
+    if train:
         tf = TrainTransform(size, model.tower.mean, model.tower.std, scale=tuple(float(x) for x in d["crop_scale"]),
                             flip=float(d["flip"]), flip_label_map=flip_label_map(d["flip_label_map"]),
                             color_jitter=float(d["color_jitter"]), grayscale=float(d["grayscale"]))

@@ -31,10 +31,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..data import TestTransform, TrainTransform, VideoDataset, collate, read_class_names, read_list
+from ..data import VideoDataset, collate, read_class_names, read_list
 from ..data.lists import Sample
-from ..engine.build import create_backbone, resolve_classes
-from ..engine.config import ConfigError, dump, flip_label_map
+from ..engine.build import create_backbone, dataset_from_samples, resolve_classes
+from ..engine.config import ConfigError, dump
 from ..model import VideoModel, adapt
 from .consistency import ConsistencyLoss, load_descriptions
 from .loops import train_retrieval, train_video_text
@@ -89,19 +89,7 @@ def _device(cfg) -> torch.device:
 
 
 def _dataset(cfg, samples: Sequence[Sample], vm: VideoModel, train: bool) -> VideoDataset:
-    d = cfg["data"]
-    root = d["root"]
-    if not root or not os.path.isdir(root):
-        raise ConfigError(f"data.root={root!r} is not a directory (the list files' paths are relative to it)")
-    size = vm.tower.image_size[0]
-    if train:
-        tf = TrainTransform(size, vm.tower.mean, vm.tower.std, scale=tuple(float(x) for x in d["crop_scale"]),
-                            flip=float(d["flip"]), flip_label_map=flip_label_map(d["flip_label_map"]),
-                            color_jitter=float(d["color_jitter"]), grayscale=float(d["grayscale"]))
-    else:
-        tf = TestTransform(size, vm.tower.mean, vm.tower.std, resize=d["test_resize"], num_crops=d["test_crops"])
-    return VideoDataset(root, samples, vm.num_frames, tf, sampling=d["sampling"], stride=d["stride"],
-                        num_clips=d["test_clips"], seed=cfg["train"]["seed"], max_replacements=d["max_replacements"])
+    return dataset_from_samples(cfg, samples, vm, train)
 
 
 def _loader(ds: VideoDataset, batch: int, cfg, train: bool):
