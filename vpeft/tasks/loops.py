@@ -50,6 +50,16 @@ def _optimizer(params, lr, weight_decay, betas):
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
 
 
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, clip_grad: float) -> float:
+    """One optimizer step on ``loss`` with optional gradient-norm clipping; returns the loss value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip_grad)
+    opt.step()
+    return loss.item()
+
+
 def train_video_text(clf: VideoTextClassifier, batches: Callable[[int], Iterable[Tuple[torch.Tensor, torch.Tensor]]],
                      *, classes: Sequence[int], epochs: int, lr: float = 1e-3, weight_decay: float = 0.001,
                      warmup: int = 0, final_lr: float = 1e-5, consistency: Optional[ConsistencyLoss] = None,
@@ -93,14 +103,9 @@ def train_video_text(clf: VideoTextClassifier, batches: Callable[[int], Iterable
             ce = loss.item()
             if consistency is not None:
                 loss = loss + consistency(w, rows)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip_grad:
-                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip_grad)
-            opt.step()
-            losses.append(loss.item())
+            losses.append(_step(opt, loss, clip_grad))
             if log is not None:
-                log({"epoch": epoch, "step": step, "loss": loss.item(), "ce": ce, "lr": opt.param_groups[0]["lr"]})
+                log({"epoch": epoch, "step": step, "loss": losses[-1], "ce": ce, "lr": opt.param_groups[0]["lr"]})
             step += 1
     clf.eval()
     return losses
@@ -136,15 +141,9 @@ def train_retrieval(model: RetrievalModel, batches: Callable[[int], Iterable[Tup
                 continue  # a contrastive batch needs negatives
             for g in opt.param_groups:
                 g["lr"] = cosine_lr(step, total, g["base_lr"], warmup)
-            loss = model(tokens, video)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip_grad:
-                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip_grad)
-            opt.step()
-            losses.append(loss.item())
+            losses.append(_step(opt, model(tokens, video), clip_grad))
             if log is not None:
-                log({"epoch": epoch, "step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
+                log({"epoch": epoch, "step": step, "loss": losses[-1], "lr": opt.param_groups[0]["lr"]})
             step += 1
     model.eval()
     return losses
