@@ -6,7 +6,8 @@ from typing import Dict, Iterable, Iterator, Mapping, Optional, Set, Tuple
 import torch
 import torch.nn as nn
 
-from .backbones.towers import TextTower, VisionTower, text_parameters, text_tower, vision_tower
+from .backbones.towers import (TextTower, UnsupportedBackbone, VisionTower, refusal, text_parameters, text_tower,
+                               vision_tower)
 from .methods.msta import FusedMSTA, MSTABlock
 from .methods.side4video import SideHead, SideNetwork
 from .methods.st_adapter import PRESETS, STAdapter, STAdapterBlock
@@ -325,9 +326,13 @@ def adapt(model: nn.Module, method: str, *, num_frames: int, num_classes: Option
     if tower.kind == "viclip":
         _check_viclip(tower, method, num_frames)
     if method == "side4video":
-        with torch.no_grad():  # a tower without [CLS] must pool to token width (raises UnsupportedBackbone)
+        with torch.no_grad():  # a tower without [CLS] must pool to token width
             p0 = next(model.parameters())
-            tower.side_view(torch.zeros(1, tower.num_prefix_tokens + 1, tower.width, dtype=p0.dtype, device=p0.device))
+            try:
+                tower.side_view(torch.zeros(1, tower.num_prefix_tokens + 1, tower.width, dtype=p0.dtype,
+                                            device=p0.device))
+            except UnsupportedBackbone as e:
+                raise refusal(model, f"side4video: {e}") from None
     p = next(model.parameters())
     factory = dict(dtype=p.dtype)  # new modules are built on the backbone's device (see below)
     dropout = float(options.get("dropout", 0.5))

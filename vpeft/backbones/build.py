@@ -206,17 +206,24 @@ TINY_BACKBONES: Dict[str, Dict[str, Any]] = {
 }
 """Small open_clip CLIP configs for CPU runs; ``clip-tiny-text`` takes real BPE token ids."""
 
+def _open_clip_loader(model, path):
+    import open_clip
+    return open_clip.load_checkpoint(model, path)
+
+
 for _name, _cfg in TINY_BACKBONES.items():
-    register_backbone(_name, "vpeft", f"tiny open_clip CLIP for CPU runs ({_cfg['vision_cfg']})")(
-        _tiny_clip(_cfg["vision_cfg"], _cfg["text_cfg"], _cfg["embed_dim"]))
+    register_backbone(_name, "vpeft", f"tiny open_clip CLIP for CPU runs ({_cfg['vision_cfg']})",
+                      _open_clip_loader)(_tiny_clip(_cfg["vision_cfg"], _cfg["text_cfg"], _cfg["embed_dim"]))
 
 _TINY_VISION = dict(layers=2, width=64, patch_size=8, image_size=32, head_width=32)
 _TINY_TEXT = dict(context_length=16, vocab_size=100, width=32, heads=2, layers=2)
-register_backbone("tiny-clipa", "vpeft", "tiny open_clip CLIP with CLIPA's avg pooling and final_ln_after_pool")(
+register_backbone("tiny-clipa", "vpeft", "tiny open_clip CLIP with CLIPA's avg pooling and final_ln_after_pool",
+                  _open_clip_loader)(
     _tiny_clip(dict(_TINY_VISION, pool_type="avg", final_ln_after_pool=True, no_ln_pre=True), _TINY_TEXT, 32))
 
 
-@register_backbone("tiny-coca", "vpeft", "tiny open_clip CoCa (attentional pooler over the vision tokens)")
+@register_backbone("tiny-coca", "vpeft", "tiny open_clip CoCa (attentional pooler over the vision tokens)",
+                   _open_clip_loader)
 def _tiny_coca(num_frames, device, dtype):
     import open_clip
 
@@ -362,10 +369,7 @@ def create_backbone(name: str, pretrained: Union[None, str, bool] = None, checkp
             model = _open_clip_pretrained(name, str(pretrained), device, dtype)
         else:
             model = create_model(name, device=device, dtype=dtype)
-
-        def loader(m, path):
-            import open_clip
-            return open_clip.load_checkpoint(m, path)
+        loader = _open_clip_loader
     else:
         import timm
         arch = name[5:] if name.startswith("timm:") else name

@@ -465,10 +465,19 @@ def vision_tower(model: nn.Module) -> VisionTower:
     v = getattr(model, "visual", model)
     for cls in FAMILIES.values():
         if cls.matches(v):
-            return cls(v)
-    raise UnsupportedBackbone(
-        f"vpeft cannot adapt {type(model).__name__} (vision tower {type(v).__module__}.{type(v).__name__}): "
-        f"{_why_not(v)}. Supported vision tower families: {supported_families()}.")
+            try:
+                return cls(v)
+            except UnsupportedBackbone as e:
+                raise refusal(model, str(e)) from None
+    raise refusal(model, _why_not(v))
+
+
+def refusal(model: nn.Module, reason: str) -> UnsupportedBackbone:
+    """vpeft's one refusal: names the model's class (and its vision tower's), why, and the supported families."""
+    v = getattr(model, "visual", model)
+    where = "" if v is model else f" (vision tower {type(v).__module__}.{type(v).__name__})"
+    return UnsupportedBackbone(f"vpeft cannot adapt {type(model).__module__}.{type(model).__name__}{where}: "
+                               f"{reason}. Supported vision tower families: {supported_families()}.")
 
 
 # ---------------------------------------------------------------------------------- families
