@@ -134,7 +134,7 @@ def create_tiny_timm(model_name: str, *, wrap: bool = True, output_dim: int = 32
 
     ``wrap``: inside an open_clip ``TimmModel`` (as open_clip builds SigLIP, PE-Core,
     MobileCLIP towers), with ``proj`` ``None`` (the trunk's head projects to
-    ``embed_dim``, like EVA/PE-Core), ``"none"`` (no projection, SigLIP) or
+    ``output_dim``, like EVA/PE-Core), ``"none"`` (no projection, SigLIP) or
     ``"linear"``. Otherwise the bare timm model. For tests and CPU runs.
     """
     import timm
@@ -144,9 +144,9 @@ def create_tiny_timm(model_name: str, *, wrap: bool = True, output_dim: int = 32
             return timm.create_model(model_name, **timm_kwargs).eval()
         from open_clip.timm_model import TimmModel
 
-        with construct_on("meta", torch.get_default_dtype()):  # a shell; its full-size trunk is replaced below
-            vis = TimmModel(model_name, embed_dim=output_dim, pool=timm_kwargs.get("global_pool", ""),
-                            proj="none" if proj is None else proj)
+        # TimmModel's own __init__ would first build the full-size trunk; set its two parts directly
+        vis = TimmModel.__new__(TimmModel)
+        nn.Module.__init__(vis)
         head = 0 if proj in ("none", "linear") else output_dim
         vis.trunk = timm.create_model(model_name, num_classes=head, **timm_kwargs)
         if proj == "linear":
@@ -275,8 +275,8 @@ TINY_TOWERS: Dict[str, tuple] = {
                      dict(depth=2, embed_dim=64, num_heads=2, img_size=32, patch_size=8, global_pool="map")),
     "tiny-pe-core-nocls": ("vit_pe_core_gigantic_patch14_448", True, None,
                            dict(depth=2, embed_dim=64, num_heads=2, img_size=28, patch_size=14, global_pool="map")),
-    "tiny-mobileclip-b": ("vit_base_mci_224", True, None, dict(depth=2, img_size=64, global_pool="token")),
-    "tiny-vitamin": ("vitamin_small_224", True, "linear", dict(depth=2, img_size=64, global_pool="avg")),
+    "tiny-mobileclip-b": ("vit_base_mci_224", True, None, dict(depth=2, img_size=32, global_pool="token")),
+    "tiny-vitamin": ("vitamin_small_224", True, "linear", dict(depth=2, img_size=32, global_pool="avg")),
     "tiny-timm-vit": ("vit_base_patch16_224", False, None, dict(depth=2, embed_dim=64, num_heads=2, img_size=32,
                                                                 patch_size=8)),
     "tiny-deit": ("deit_tiny_patch16_224", False, None, dict(depth=2, img_size=32)),
