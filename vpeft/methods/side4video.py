@@ -36,10 +36,45 @@ def ladder_layers(backbone_layers: int, side_layers: int) -> List[int]:
     return [(i + 1) * step - 1 for i in range(side_layers)]
 
 
-class TokenBatchNorm(nn.BatchNorm1d):
+def recomputing() -> bool:
+    """True while autograd is running a backward pass on this thread.
+
+    A module's forward that runs then is a recomputation (activation checkpointing,
+    reentrant or not, re-runs the checkpointed forward from inside the backward pass).
+    """
+    return torch._C._current_graph_task_id() != -1
+
+
+class _RecomputeSafeBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose running statistics are updated exactly once per forward pass of a step.
+
+    In training mode a forward that runs inside the backward pass (the recomputation of
+    an activation-checkpointed region) normalises with the same batch statistics as the
+    first forward, so it gives the same output, but leaves ``running_mean``,
+    ``running_var`` and ``num_batches_tracked`` alone. The released EVA side blocks get
+    the same effect by keeping their BatchNorms outside the checkpointed functions; this
+    way any checkpoint region (one per sub-block or one per side block) is safe.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and recomputing() and self.running_mean is not None:
+            self._check_input_dim(x)
+            # Scratch copies of the statistics: the op saves the same tensors for backward as
+            # the first forward did (the checkpoint checks that), and the real buffers stay put.
+            return F.batch_norm(x, self.running_mean.clone(), self.running_var.clone(), self.weight, self.bias,
+                                True, 0.0, self.eps)
+        return super().forward(x)
+
+
+class VideoBatchNorm(_RecomputeSafeBatchNorm, nn.BatchNorm3d):
+    """``BatchNorm3d`` on ``(B, d, T, H, W)``, safe under activation checkpointing."""
+
+
+class TokenBatchNorm(_RecomputeSafeBatchNorm, nn.BatchNorm1d):
     """BatchNorm over the channel (last) dim of tokens ``(..., d)``.
 
-    Same statistics and parameters as ``BatchNorm3d`` on the ``(B, d, T, H, W)`` view.
+    Same statistics and parameters as ``BatchNorm3d`` on the ``(B, d, T, H, W)`` view;
+    safe under activation checkpointing (see :class:`_RecomputeSafeBatchNorm`).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +107,7 @@ class SideStem(nn.Module):
         super().__init__()
         self.conv = nn.Conv3d(in_chans, width, (3, patch_size, patch_size), stride=(1, patch_size, patch_size),
                               padding=(1, 0, 0))
-        self.norm = nn.BatchNorm3d(width)
+        self.norm = VideoBatchNorm(width)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         """``video`` ``(B, 3, T, H, W)`` -> ``(B*T, N, d)``."""
@@ -124,7 +159,9 @@ class SideBlock(nn.Module):
     Pre-norm (CLIP): ``s += pw2(dw_t(pw1(BN(s))))``; ``s += MHA(LN(...))``;
     ``s += fc2(gelu(fc1(BN(s))))``. Post-norm (EVA): ``s += BN(conv(s))``;
     ``s += LN(attn(...))``; ``s += BN(mlp(s))``, each sub-block optionally under
-    activation checkpointing. Heads of width 64.
+    activation checkpointing. Heads of width 64. The BatchNorms update their running
+    statistics once per step also when a checkpointed sub-block is recomputed
+    (:class:`TokenBatchNorm`).
     """
 
     def __init__(self, width: int, num_frames: int, post_norm: bool = False, mlp_ratio: float = 4.0,
