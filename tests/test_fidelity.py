@@ -59,3 +59,65 @@ def test_batchnorm_recompute_under_reentrant_checkpoint_keeps_statistics():
     y.sum().backward()
     assert int(bn.num_batches_tracked) == 1
     torch.testing.assert_close(bn.running_mean, 0.1 * x.detach().reshape(-1, 8).mean(0))
+
+
+# ---------------------------------------------------------------- 2. EVA head, 8. head dropout / classifier init
+def test_eva_post_norm_head_is_mean_only_and_clip_head_has_batchnorm():
+    eva = vpeft.adapt(tiny_eva(depth=2), "side4video", num_frames=2, num_classes=3, side_width=64, side_layers=1)
+    assert eva.head.norm is None and not any(k.startswith("head.norm") for k in eva.state_dict())
+    s = torch.randn(4, 5, 64)
+    torch.testing.assert_close(eva.head.features(s), s.reshape(2, 10, 64).mean(1))
+    clip = vpeft.adapt(tiny_clip(), "side4video", num_frames=2, num_classes=3, side_width=64, side_layers=2)
+    assert isinstance(clip.head.norm, TokenBatchNorm)
+
+
+def test_side4video_head_dropout_defaults_to_zero():
+    vm = vpeft.adapt(tiny_clip(), "side4video", num_frames=2, num_classes=3, side_width=64, side_layers=2)
+    assert vm.head.drop.p == 0.0
+    vm = vpeft.adapt(tiny_clip(), "side4video", num_frames=2, num_classes=3, side_width=64, side_layers=2,
+                     dropout=0.3)
+    assert vm.head.drop.p == 0.3
+
+
+def test_st_adapter_classifier_init_normal_002_zero_bias():
+    vm = vpeft.adapt(tiny_clip(width=768, layers=1), "st_adapter", num_frames=2, num_classes=400, bottleneck=8)
+    w = vm.head.fc.weight.detach()
+    assert abs(w.std().item() - 0.02) < 0.02 * 0.02 and abs(w.mean().item()) < 1e-3
+    assert torch.count_nonzero(vm.head.fc.bias) == 0
+
+
+# ---------------------------------------------------------------- 3. CLIP recognition side-block init
+def _close_std(t, std, rel=0.02):
+    t = t.detach().double()
+    assert abs(t.mean().item()) < 4 * std / math.sqrt(t.numel())
+    assert abs(t.std().item() / std - 1) < rel, (t.std().item(), std)
+
+
+def test_clip_side_block_init_follows_released_recognition_code():
+    from vpeft.methods.side4video import SideBlock
+
+    d = 512
+    blk = SideBlock(d, num_frames=8)
+    proj = d ** -0.5 * 24 ** -0.5
+    _close_std(blk.qkv.weight, d ** -0.5)
+    _close_std(blk.out.weight, proj)
+    _close_std(blk.fc1.weight, (2 * d) ** -0.5)
+    _close_std(blk.fc2.weight, proj)
+    assert torch.count_nonzero(blk.qkv.bias) == 0 and torch.count_nonzero(blk.out.bias) == 0
+    # kept at nn.Linear's default (uniform within 1/sqrt(fan_in)), as in the released code
+    for lin in (blk.fc1, blk.fc2, blk.pw1, blk.pw2):
+        bound = lin.in_features ** -0.5
+        assert lin.bias.abs().max() <= bound and lin.bias.abs().max() > 0.9 * bound
+    # the depth factor is the released constant: a 24-block network's blocks start the same way
+    net = SideNetwork(64, 24, side_width=d, side_layers=24, num_frames=2, patch_size=8, num_patches=4)
+    _close_std(torch.cat([b.out.weight.flatten() for b in net.blocks]), proj, rel=0.01)
+
+
+def test_eva_side_block_keeps_pytorch_default_init():
+    from vpeft.methods.side4video import SideBlock
+
+    d = 512
+    blk = SideBlock(d, num_frames=8, post_norm=True)
+    bound = d ** -0.5  # nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), std bound/sqrt(3)
+    _close_std(blk.qkv.weight, bound / math.sqrt(3))
+    assert blk.qkv.bias.abs().max() > 0

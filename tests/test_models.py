@@ -166,6 +166,8 @@ def _set_temporal_weights_nonzero(vm):
 def test_reversing_frames(method):
     vm = vpeft.adapt(tiny_clip(), method, num_frames=T, num_classes=5, **METHOD_OPTIONS[method]).eval()
     _set_temporal_weights_nonzero(vm)
+    with torch.no_grad():
+        vm.head.fc.weight.normal_(0, 0.5)  # the classifier starts small (N(0, 0.02)); make its input visible
     if method == "st_adapter":
         with torch.no_grad():
             for n, p in vm.named_parameters():

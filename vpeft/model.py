@@ -23,12 +23,18 @@ _OPTIONS: Dict[str, Set[str]] = {
 
 
 class ClassifierHead(nn.Module):
-    """Dropout then ``Linear(D -> classes)`` on the pooled, normalised [CLS] feature."""
+    """Dropout then ``Linear(D -> classes)`` on the pooled, normalised [CLS] feature.
+
+    The classifier starts at ``N(0, 0.02)`` weights and zero bias (ST-Adapter's released
+    ``models_adapter.py``).
+    """
 
     def __init__(self, width: int, num_classes: int, dropout: float = 0.5):
         super().__init__()
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(width, num_classes)
+        nn.init.normal_(self.fc.weight, std=0.02)  # ST-Adapter's released classifier init
+        nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.drop(x))
@@ -283,7 +289,8 @@ def adapt(model: nn.Module, method: str, *, num_frames: int, num_classes: Option
         num_frames: ``T``, the number of frames every clip has.
         num_classes: add a classifier with this many classes (None: embeddings only).
         **options: per method
-            - all: ``dropout`` (classifier dropout, 0.5).
+            - all: ``dropout`` (classifier dropout; 0.5, and 0 for ``side4video`` as in
+              every released Side4Video config).
             - ``st_adapter``: ``preset`` ``"12x384"`` (before each MLP) or ``"24x384"``
               (before attention and MLP), ``bottleneck`` (overrides r = 384).
             - ``msta``: ``bottleneck`` (128), ``layers`` (1-based inclusive range applied to
@@ -366,7 +373,8 @@ def _build(model, method, num_frames, num_classes, tower, text, factory, dropout
                            tower.num_patches, post_norm=(norm == "post"), fusion=options.get("fusion", "mean"),
                            pos_std=options.get("pos_std"),
                            checkpointing=bool(options.get("checkpointing", False))).to(**factory)
-        head = SideHead(side.pos.shape[1], num_classes, dropout, num_frames).to(**factory)
+        head = SideHead(side.pos.shape[1], num_classes, float(options.get("dropout", 0.0)), num_frames,
+                        norm=not side.post_norm).to(**factory)
 
     if head is None and num_classes is not None:
         head = ClassifierHead(tower.width, num_classes, dropout).to(**factory)

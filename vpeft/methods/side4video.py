@@ -19,6 +19,8 @@ import vpeft_kernels
 from vpeft_kernels.reference import temporal_taps
 
 HEAD_DIM = 64
+RELEASED_INIT_DEPTH = 12
+"""Depth in the released side blocks' output-projection init ``d^-0.5 * (2 * 12)^-0.5`` (fixed there)."""
 
 
 def ladder_layers(backbone_layers: int, side_layers: int) -> List[int]:
@@ -184,6 +186,32 @@ class SideBlock(nn.Module):
         self.mlp_norm = TokenBatchNorm(width)
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
+        if not post_norm:
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The released CLIP recognition side blocks' init (``Recognition/clip/model.py``,
+        ``AttnCBlock.__init__``); with ``d`` the side width:
+
+        - attention qkv ``N(0, d^-0.5)``, its bias 0 (``nn.MultiheadAttention``'s own);
+        - attention output and ``fc2`` ``N(0, d^-0.5 * (2 * 12)^-0.5)``, the output bias 0;
+        - ``fc1`` ``N(0, (2d)^-0.5)``;
+        - everything else (the temporal conv, the ``fc1``/``fc2`` biases, the norms) keeps
+          PyTorch's default init, as it does there.
+
+        The depth factor ``(2 * 12)^-0.5`` is a constant in the released code (it does not
+        follow the number of side blocks; the L/14 side network with 24 blocks uses it too),
+        so it is :data:`RELEASED_INIT_DEPTH` here, whatever the depth. The post-norm (EVA)
+        blocks keep PyTorch's defaults, as the released EVA code does.
+        """
+        d = self.qkv.in_features
+        proj_std = d ** -0.5 * (2 * RELEASED_INIT_DEPTH) ** -0.5
+        nn.init.normal_(self.qkv.weight, std=d ** -0.5)
+        nn.init.zeros_(self.qkv.bias)
+        nn.init.normal_(self.out.weight, std=proj_std)
+        nn.init.zeros_(self.out.bias)
+        nn.init.normal_(self.fc1.weight, std=(2 * d) ** -0.5)
+        nn.init.normal_(self.fc2.weight, std=proj_std)
 
     def _conv(self, s):
         if self.post_norm:
@@ -234,6 +262,7 @@ class SideNetwork(nn.Module):
         if fusion not in ("mean", "sum"):
             raise ValueError(f"fusion must be 'mean' or 'sum', got {fusion!r}")
         self.layer_ids = ladder_layers(backbone_layers, side_layers)
+        self.post_norm = post_norm
         self.fusion = fusion
         self.num_frames = num_frames
         self.stem = SideStem(side_width, patch_size)
@@ -283,19 +312,24 @@ class SideNetwork(nn.Module):
 class SideHead(nn.Module):
     """Recognition head: ``BN3d``, mean over ``T*N``, dropout, ``Linear(d -> classes)``.
 
-    With ``num_classes=None`` only the pooled features are offered (no classifier).
+    ``norm=False`` drops the BatchNorm (mean only): the released EVA head (the post-norm
+    side network's ``side_post_bn`` is commented out there). ``dropout`` defaults to 0,
+    the ``drop_fc`` of every released Side4Video config. With ``num_classes=None`` only
+    the pooled features are offered (no classifier); the classifier keeps ``nn.Linear``'s
+    default init, as in the released ``train_vision.py``.
     """
 
-    def __init__(self, width: int, num_classes: Optional[int] = None, dropout: float = 0.5, num_frames: int = 8):
+    def __init__(self, width: int, num_classes: Optional[int] = None, dropout: float = 0.0, num_frames: int = 8,
+                 norm: bool = True):
         super().__init__()
         self.num_frames = num_frames
-        self.norm = TokenBatchNorm(width)
+        self.norm = TokenBatchNorm(width) if norm else None
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(width, num_classes) if num_classes else None
 
     def features(self, s: torch.Tensor) -> torch.Tensor:
         """``(B*T, N, d)`` -> ``(B, d)``."""
-        x = self.norm(s)
+        x = self.norm(s) if self.norm is not None else s
         bt, n, d = x.shape
         return x.reshape(bt // self.num_frames, self.num_frames * n, d).mean(1)
 
