@@ -121,3 +121,48 @@ def test_eva_side_block_keeps_pytorch_default_init():
     bound = d ** -0.5  # nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), std bound/sqrt(3)
     _close_std(blk.qkv.weight, bound / math.sqrt(3))
     assert blk.qkv.bias.abs().max() > 0
+
+
+# ---------------------------------------------------------------- 10. MSTA defaults
+def _msta_blocks(vm):
+    from vpeft.methods.msta import MSTABlock
+
+    vis = [i for i, b in enumerate(vm.tower.blocks) if isinstance(b, MSTABlock)]
+    txt = [] if vm.text_tower is None else [i for i, b in enumerate(vm.text_tower.blocks) if isinstance(b, MSTABlock)]
+    return vis, txt
+
+
+def test_msta_default_adapts_last_five_blocks_of_each_tower_vit_l14():
+    import open_clip
+
+    with torch.device("meta"):
+        model = open_clip.CLIP(**open_clip.get_model_config("ViT-L-14"))
+    vm = vpeft.adapt(model, "msta", num_frames=8)
+    vis, txt = _msta_blocks(vm)
+    assert vis == [19, 20, 21, 22, 23] and txt == [7, 8, 9, 10, 11]
+    for k, m in enumerate(vm.msta):  # the k-th vision and text adapted blocks share one module
+        assert vm.tower.blocks[vis[k]].msta is m and vm.text_tower.blocks[txt[k]].msta is m
+
+
+def test_msta_layers_explicit_and_per_tower():
+    from vpeft.methods.msta import msta_layers
+
+    assert msta_layers(None, 12, 12) == (range(7, 12), range(7, 12))
+    assert msta_layers((8, 12), 24, 12) == (range(7, 12), range(7, 12))
+    assert msta_layers(((20, 24), (8, 12)), 24, 12) == (range(19, 24), range(7, 12))
+    assert msta_layers(None, 3, None) == (range(0, 3), None)
+    with pytest.raises(ValueError, match="same length"):
+        msta_layers(((18, 24), (8, 12)), 24, 12)
+    with pytest.raises(ValueError, match=r"outside the model's text tower"):
+        msta_layers((20, 24), 24, 12)
+
+
+def test_msta_classifier_adds_no_text_adapters():
+    vm = vpeft.adapt(tiny_clip(), "msta", num_frames=2, num_classes=5, bottleneck=16)
+    assert _msta_blocks(vm) == ([0, 1, 2, 3], [])
+    assert all(m.text_down is None for m in vm.msta)
+    vm.train()
+    vm(torch.randn(2, 2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is not None for p in vm.msta.parameters())  # nothing trainable is left unused
+    with_text = vpeft.adapt(tiny_clip(), "msta", num_frames=2, num_classes=5, bottleneck=16, text=True)
+    assert _msta_blocks(with_text)[1] == [0, 1, 2, 3]
