@@ -166,3 +166,124 @@ def test_msta_classifier_adds_no_text_adapters():
     assert all(p.grad is not None for p in vm.msta.parameters())  # nothing trainable is left unused
     with_text = vpeft.adapt(tiny_clip(), "msta", num_frames=2, num_classes=5, bottleneck=16, text=True)
     assert _msta_blocks(with_text)[1] == [0, 1, 2, 3]
+
+
+# ---------------------------------------------------------------- 4-7, 9. retrieval model
+def _released_retrieval_count(D=768, d=320, E=512, levels=12, patch=16, n=196):
+    """Trainable parameters of the released ViT-B/16 retrieval run without the text tower,
+    counted from Retrieval/modules/module_clip.py and modeling.py module by module."""
+    block = (2 * d                      # norm1 (BN3d)
+             + 2 * (d * d + d)          # pw_conv1, pw_conv2 (1x1x1 Conv3d with bias)
+             + 3 * d + d                # dw_conv1 (3x1x1, groups=d)
+             + 2 * d                    # norm2
+             + (d * 4 * d + 4 * d) + (4 * d * d + d)   # mlp fc1, fc2
+             + (3 * d * d + 3 * d) + (d * d + d)       # MultiheadAttention in_proj, out_proj
+             + 2 * d)                   # ln_1
+    ladder = (D * d + d) + 2 * D        # side_linears, side_lns
+    side = levels * (block + ladder) + (3 * 3 * patch * patch * d + d) + 2 * d + (n + 1) * d
+    head = 2 * d + d * D                # side_post_bn, side_proj (no bias)
+    wti = 2 * ((E * E + E) + (E + 1))   # text_weight_fc, video_weight_fc
+    top = 2 * D + D * E + 1             # visual.ln_post, visual.proj, logit_scale
+    return side + head + wti + top
+
+
+def _b16_retrieval(**kw):
+    import open_clip
+    from vpeft.tasks.retrieval import RetrievalModel
+
+    with torch.device("meta"):
+        model = open_clip.CLIP(**open_clip.get_model_config("ViT-B-16"))
+    vm = vpeft.adapt(model, "side4video", num_frames=12, side_width=320, side_layers=12)
+    before = sum(p.numel() for p in vm.side.parameters())
+    return before, RetrievalModel(vm, **kw)
+
+
+def test_retrieval_parameter_count_matches_released():
+    side_before, rm = _b16_retrieval()
+    assert side_before == 21_056_192                              # recognition side network, (N, d) pos
+    assert sum(p.numel() for p in rm.video_model.side.parameters()) == side_before + 320  # + [CLS] pos row
+    assert sum(p.numel() for p in rm.head.parameters()) == 640 + 320 * 768                # bias-free side_proj
+    n = sum(p.numel() for p in rm.trainable_parameters())
+    assert n == _released_retrieval_count() == 22_224_003
+    assert all(p.requires_grad for p in rm.trainable_parameters())
+    _, with_text = _b16_retrieval(train_text=True)
+    assert sum(p.numel() for p in with_text.trainable_parameters()) == 85_652_099
+
+
+def test_retrieval_init_follows_released_code():
+    from vpeft.tasks.retrieval import TokenWiseMatching, released_retrieval_init_
+
+    d, n = 512, 16
+    net = SideNetwork(768, 2, side_width=d, side_layers=2, num_frames=2, patch_size=8, num_patches=n)
+    released_retrieval_init_(net)
+    cat = lambda name: torch.cat([getattr(b, name).weight.flatten() for b in net.blocks])  # noqa: E731
+    for name in ("out", "fc1", "fc2", "pw1", "pw2"):
+        _close_std(cat(name), 0.02)
+    for name in ("out", "fc1", "fc2"):
+        assert all(torch.count_nonzero(getattr(b, name).bias) == 0 for b in net.blocks)
+    _close_std(cat("qkv"), d ** -0.5)
+    _close_std(torch.cat([b.dw.weight.flatten() for b in net.blocks]), d ** -0.5, rel=0.05)
+    _close_std(net.ladder.weight, 0.02)
+    assert torch.count_nonzero(net.ladder.bias) == 0
+    assert net.pos.shape == (n + 1, d)
+    _close_std(net.pos, 0.01, rel=0.05)
+    m = TokenWiseMatching(512)
+    for lin in (m.text_weight[0], m.text_weight[2], m.video_weight[0], m.video_weight[2]):
+        assert torch.count_nonzero(lin.bias) == 0
+    _close_std(torch.cat([m.text_weight[0].weight.flatten(), m.video_weight[0].weight.flatten()]), 0.02)
+
+
+def test_retrieval_position_embedding_row_zero_is_added_to_shifted_cls():
+    from vpeft_kernels import reference
+
+    t, n, d, heads = 3, 4, 64, 1
+    s, c = torch.randn(2 * t, n, d), torch.randn(2 * t, d)
+    pos = torch.randn(n + 1, d)
+    w = [torch.ones(d), torch.zeros(d), torch.randn(3 * d, d) * 0.1, torch.randn(3 * d), torch.randn(d, d) * 0.1,
+         torch.randn(d)]
+    out = vpeft_kernels_tsa(s, c, pos, w, t, heads)
+    # by hand: [CLS] row = shift(c) + pos[0], patch rows = s + pos[1:]
+    x = torch.cat([reference.token_shift(c, t)[:, None] + pos[0], s + pos[1:]], dim=1)
+    x = torch.nn.functional.layer_norm(x, (d,), w[0], w[1])
+    q = x[:, 1:] @ w[2][:d].t() + w[3][:d]
+    k = x @ w[2][d:2 * d].t() + w[3][d:2 * d]
+    v = x @ w[2][2 * d:].t() + w[3][2 * d:]
+    ref = (torch.softmax(q @ k.transpose(1, 2) / d ** 0.5, -1) @ v) @ w[4].t() + w[5]
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    # a zero [CLS] row is the patch-only embedding
+    zero = torch.cat([torch.zeros(1, d), pos[1:]])
+    torch.testing.assert_close(vpeft_kernels_tsa(s, c, zero, w, t, heads), vpeft_kernels_tsa(s, c, pos[1:], w, t, heads))
+
+
+def vpeft_kernels_tsa(s, c, pos, w, t, heads):
+    import vpeft_kernels
+
+    return vpeft_kernels.token_shift_attention(s, c, pos, *w, num_frames=t, num_heads=heads)
+
+
+def test_retrieval_side_network_uses_cls_position_and_logit_scale_trains():
+    import open_clip
+    from vpeft.tasks.retrieval import RetrievalModel
+
+    clip = open_clip.CLIP(embed_dim=32, vision_cfg=dict(layers=2, width=64, patch_size=8, image_size=32, head_width=32),
+                          text_cfg=dict(context_length=32, vocab_size=49408, width=32, heads=2, layers=1))
+    rm = RetrievalModel(vpeft.adapt(clip, "side4video", num_frames=2, side_width=64, side_layers=2))
+    assert rm.video_model.side.pos.shape == (17, 64)
+    assert rm.head.proj.bias is None and torch.count_nonzero(rm.head.proj.weight) == 0
+    with torch.no_grad():
+        rm.head.proj.weight.normal_()                            # (zero at start: no gradient reaches the side)
+    rm.train()
+    rm(rm.tokenize(["a b", "c"]), torch.randn(2, 2, 3, 32, 32)).backward()
+    assert rm.video_model.side.pos.grad[0].abs().sum() > 0      # the [CLS] row is used
+    assert clip.logit_scale.grad is not None and clip.visual.ln_post.weight.grad is not None
+
+
+def test_token_wise_matching_masks_padded_words_with_minus_inf():
+    from vpeft.tasks.retrieval import TokenWiseMatching
+
+    m = TokenWiseMatching(4)
+    frames = torch.tensor([[[1.0, 0, 0, 0]]])                   # one video, one frame
+    words = torch.tensor([[[-1.0, 0, 0, 0], [0, 1.0, 0, 0]]])   # a real word (cos -1) and a pad (cos 0)
+    mask = torch.tensor([[True, False]])
+    # t2v: the real word's max over frames is -1; v2t: max over real words only is -1 (the pad's 0 is masked)
+    assert m(words, mask, frames).item() == pytest.approx(-1.0)

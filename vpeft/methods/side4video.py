@@ -236,7 +236,8 @@ class SideBlock(nn.Module):
         return fn(*args)
 
     def forward(self, s: torch.Tensor, c: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """``s`` ``(B*T, N, d)`` side tokens, ``c`` ``(B*T, d)`` projected [CLS], ``pos`` ``(N, d)``."""
+        """``s`` ``(B*T, N, d)`` side tokens, ``c`` ``(B*T, d)`` projected [CLS], ``pos`` ``(N, d)``
+        (or ``(N+1, d)`` with a [CLS] row, see :meth:`SideNetwork.add_cls_position`)."""
         s = s + self._run(self._conv, s)
         s = s + self._run(self._attn, s, c, pos)
         return s + self._run(self._mlp, s)
@@ -266,11 +267,19 @@ class SideNetwork(nn.Module):
         self.fusion = fusion
         self.num_frames = num_frames
         self.stem = SideStem(side_width, patch_size)
+        self.num_patches = num_patches
         self.pos = nn.Parameter(torch.randn(num_patches, side_width) * (pos_std or (0.02 if post_norm else 0.01)))
         self.ladder = LadderProjection(side_layers, backbone_width, side_width, "post" if post_norm else "pre")
         self.blocks = nn.ModuleList(
             SideBlock(side_width, num_frames, post_norm=post_norm, checkpointing=checkpointing)
             for _ in range(side_layers))
+
+    def add_cls_position(self, std: float = 0.01) -> None:
+        """Make the position embedding ``(N+1, d)``, ``N(0, std)``: row 0 is added to the
+        shifted [CLS] in every side block, rows ``1..N`` to the patches (the released
+        retrieval side network, ``Retrieval/modules/module_clip.py``)."""
+        p = self.pos
+        self.pos = nn.Parameter(torch.randn(self.num_patches + 1, p.shape[1], device=p.device, dtype=p.dtype) * std)
 
     def forward(self, video: torch.Tensor,
                 features: Union[Sequence[torch.Tensor], Iterable[torch.Tensor]]) -> torch.Tensor:
@@ -293,8 +302,8 @@ class SideNetwork(nn.Module):
             levels = iter(features)
             project = self.ladder.level
         s = self.stem(video)
-        if s.shape[1] != self.pos.shape[0]:
-            raise ValueError(f"stem produced {s.shape[1]} patches per frame, expected {self.pos.shape[0]}")
+        if s.shape[1] != self.num_patches:
+            raise ValueError(f"stem produced {s.shape[1]} patches per frame, expected {self.num_patches}")
         pos = self.pos.to(s.dtype)
         for i, block in enumerate(self.blocks):
             z = next(levels, None)
