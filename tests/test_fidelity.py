@@ -287,3 +287,92 @@ def test_token_wise_matching_masks_padded_words_with_minus_inf():
     mask = torch.tensor([[True, False]])
     # t2v: the real word's max over frames is -1; v2t: max over real words only is -1 (the pad's 0 is masked)
     assert m(words, mask, frames).item() == pytest.approx(-1.0)
+
+
+# ---------------------------------------------------------------- presets against the released configs
+S4V = "HJYao00/Side4Video Recognition/configs/sthv2/"
+RELEASED = {
+    # preset: {dotted key: released value}; the source of each value is named in the preset file.
+    "st_adapter_k400_b16": {
+        "model.options.preset": "12x384", "model.num_frames": 8, "model.dropout": 0.5,
+        "data.sampling": "dense", "data.stride": 16, "data.flip": 0.5, "data.test_clips": 3, "data.test_crops": 1,
+        "train.epochs": 12, "train.batch_size": 192, "train.lr": 7.5e-4, "train.betas": [0.9, 0.999],
+        "train.weight_decay": 0.01, "train.warmup_epochs": 2, "train.min_lr": 0.0, "train.label_smoothing": 0.0},
+    "st_adapter_ssv2_b16": {
+        "model.options.preset": "24x384", "model.num_frames": 8, "model.dropout": 0.5,
+        "data.sampling": "segment", "data.crop_scale": [0.08, 1.0], "data.flip": 0.0,
+        "data.test_clips": 1, "data.test_crops": 3,
+        "train.epochs": 50, "train.batch_size": 256, "train.lr": 1e-3, "train.betas": [0.9, 0.999],
+        "train.weight_decay": 0.01, "train.warmup_epochs": 2, "train.min_lr": 0.0, "train.label_smoothing": 0.0},
+    "side4video_ssv2_b16": {
+        "model.options.side_width": 320, "model.options.side_layers": 12, "model.num_frames": 8,
+        "model.dropout": 0.0, "data.sampling": "segment", "data.crop_scale": [0.08, 1.0], "data.flip": 0.5,
+        "data.flip_label_map": {86: 87, 87: 86, 93: 94, 94: 93, 166: 167, 167: 166},
+        "train.epochs": 30, "train.batch_size": 128, "train.lr": 1e-3, "train.betas": [0.9, 0.999],
+        "train.weight_decay": 0.15, "train.warmup_epochs": 4, "train.min_lr": 0.0, "train.label_smoothing": 0.1},
+    "side4video_ssv2_l14": {
+        "model.backbone": "ViT-L-14", "model.options.side_width": 512, "model.options.side_layers": 24,
+        "model.num_frames": 8, "model.dropout": 0.0, "data.crop_scale": [0.08, 1.0],
+        "train.epochs": 30, "train.batch_size": 128, "train.lr": 1e-4, "train.betas": [0.9, 0.999],
+        "train.weight_decay": 0.15, "train.warmup_epochs": 4, "train.min_lr": 0.0, "train.label_smoothing": 0.1},
+    "side4video_ssv2_e14": {
+        "model.backbone": "EVA02-E-14", "model.options.side_width": 576, "model.options.side_layers": 32,
+        "model.options.norm": "post", "model.options.pos_std": 0.02, "model.num_frames": 8, "model.dropout": 0.0,
+        "train.epochs": 25, "train.batch_size": 64, "train.lr": 1e-4, "train.betas": [0.9, 0.999],
+        "train.weight_decay": 0.15, "train.warmup_epochs": 6, "train.min_lr": 0.0, "train.label_smoothing": 0.1,
+        "train.activation_checkpointing": True},
+    "side4video_retrieval_b16": {
+        "model.options.side_width": 320, "model.options.side_layers": 12, "model.num_frames": 12,
+        "data.sampling": "segment", "data.flip": 0.0, "data.test_clips": 1,
+        "train.epochs": 5, "train.batch_size": 128, "train.lr": 1e-4, "train.betas": [0.9, 0.98],
+        "train.weight_decay": 0.2, "train.warmup_epochs": 0.5, "train.clip_grad": 1.0,
+        "task.train_text": True, "task.text_lr": 1e-7},
+    "msta_k400_b16": {  # METHODS.md section 2, the released video-language recipe
+        "model.options.bottleneck": 128, "model.options.layers": [8, 12], "model.options.scale": 0.005,
+        "model.options.adapter_dropout": 0.1, "train.batch_size": 32, "train.lr": 1e-3,
+        "train.betas": [0.9, 0.98], "train.weight_decay": 0.001, "train.warmup_epochs": 5, "train.min_lr": 1e-5},
+}
+UNCOMMENTED_OK = {"base", "backbone", "method", "num_classes", "log_every", "name", "test_crops"}
+
+
+def _get(cfg, dotted):
+    for part in dotted.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+@pytest.mark.parametrize("preset", sorted(RELEASED))
+def test_preset_reproduces_released_config(preset):
+    from vpeft.engine.config import load_config
+
+    cfg = load_config(preset)
+    for key, want in RELEASED[preset].items():
+        got = _get(cfg, key)
+        if isinstance(want, float):
+            assert float(got) == pytest.approx(want), key
+        else:
+            assert got == want, key
+
+
+@pytest.mark.parametrize("preset", sorted(RELEASED))
+def test_preset_states_the_source_of_every_key(preset):
+    from importlib import resources
+
+    text = resources.files("vpeft.configs").joinpath(preset + ".yaml").read_text()
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    for ln in lines:
+        key, _, value = ln.strip().partition(":")
+        if not value.strip() or key in UNCOMMENTED_OK:
+            continue  # a section header, or a key that is not part of the recipe
+        assert "#" in ln, f"{preset}: {ln.strip()!r} does not say which released value it reproduces"
+
+
+def test_every_recognition_and_retrieval_preset_is_in_the_table():
+    from vpeft.engine.config import load_config, preset_names
+
+    for name in preset_names():
+        cfg = load_config(name)
+        if cfg["device"] == "cpu" or name == "demo":
+            continue  # CPU presets on synthetic data reproduce nothing
+        if cfg["task"]["name"] in ("recognition", "retrieval"):
+            assert name in RELEASED, name
