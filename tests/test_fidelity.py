@@ -376,3 +376,26 @@ def test_every_recognition_and_retrieval_preset_is_in_the_table():
             continue  # CPU presets on synthetic data reproduce nothing
         if cfg["task"]["name"] in ("recognition", "retrieval"):
             assert name in RELEASED, name
+
+
+# ---------------------------------------------------------------- trainable counts are unchanged
+@pytest.mark.parametrize("name,width,layers,expected", [
+    ("ViT-B-16", 320, 12, 21_056_192),
+    ("ViT-L-14", 512, 24, 102_018_560),
+])
+def test_side4video_trainable_parameters_exact(name, width, layers, expected):
+    import open_clip
+
+    with torch.device("meta"):
+        model = open_clip.CLIP(**open_clip.get_model_config(name))
+    vm = vpeft.adapt(model, "side4video", num_frames=8, num_classes=174, side_width=width, side_layers=layers)
+    assert vm.num_trainable_parameters(include_head=False) == expected
+
+
+def test_side4video_e14_light_trainable_parameters_exact():
+    from vpeft.backbones.build import create_vision_tower
+
+    vis = create_vision_tower("EVA02-E-14", device="meta", dtype=torch.bfloat16)
+    vm = vpeft.adapt(vis, "side4video", num_frames=8, num_classes=174, side_width=576, side_layers=32)
+    assert vm.head.norm is None  # the EVA head is the mean only
+    assert vm.num_trainable_parameters(include_head=False) == 183_273_408
