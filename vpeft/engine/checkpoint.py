@@ -349,6 +349,34 @@ def summary(ckpt: str) -> Dict[str, Any]:
     return {"path": find_checkpoint(ckpt), "step": st.get("step"), "epoch": st.get("epoch")}
 
 
+def _key_summary(label: str, keys: List[str]) -> str:
+    return f"{len(keys)} {label}" + (f" (e.g. {', '.join(keys[:3])})" if keys else "")
+
+
+def backbone_load_error(path: str, model: torch.nn.Module, error: BaseException) -> CheckpointError:
+    """A one-line :class:`CheckpointError` for a backbone weights file (``--checkpoint``)
+    that failed to load into ``model``: unreadable, or which keys are missing or unexpected
+    (with counts) and which shapes differ."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if not (isinstance(error, RuntimeError) and "loading state_dict" in str(error)):
+        return CheckpointError(f"backbone weights file {path} (--checkpoint / model.checkpoint) is not a readable "
+                               f"checkpoint: {type(error).__name__}: {first}")
+    try:
+        from open_clip.factory import load_state_dict
+
+        sd = load_state_dict(path)
+    except Exception:  # noqa: BLE001 - fall back to the raw message
+        return CheckpointError(f"backbone weights file {path} does not fit the backbone: {first}")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(getattr(sd[k], "shape", ())))
+    return CheckpointError(f"backbone weights file {path} does not fit {type(model).__name__} "
+                           f"({len(own)} tensors): {_key_summary('missing keys', missing)}, "
+                           f"{_key_summary('unexpected keys', unexpected)}, "
+                           f"{_key_summary('shape mismatches', shapes)}; is it for this model.backbone?")
+
+
 # ---------------------------------------------------------------------------- RNG states
 def rng_state() -> Dict[str, Any]:
     """This process's torch, numpy, python (and CUDA) RNG states as tensors and plain
@@ -378,5 +406,5 @@ def set_rng_state(st: Dict[str, Any]) -> None:
 
 
 __all__ = ["save_checkpoint", "find_checkpoint", "has_checkpoint", "verify", "load_weights", "load_state",
-           "atomic_write_text", "remove_leftovers", "summary", "rng_state", "set_rng_state", "CheckpointError",
+           "atomic_write_text", "remove_leftovers", "summary", "backbone_load_error", "rng_state", "set_rng_state", "CheckpointError",
            "NoCheckpoint", "CheckpointWriteError"]

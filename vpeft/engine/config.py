@@ -161,12 +161,14 @@ def parse_override(text: str) -> Dict[str, Any]:
 
 
 def load_config(path_or_name: Optional[str] = None, overrides: Sequence[str] = (),
-                extra: Optional[Dict[str, Any]] = None, *, resolve_output_dir: bool = True) -> Dict[str, Any]:
+                extra: Optional[Dict[str, Any]] = None, *, resolve_output_dir: bool = True,
+                check: bool = True) -> Dict[str, Any]:
     """Defaults, then the YAML file or preset (presets may name a ``base`` preset), then
     ``extra`` (a nested dict), then the ``key=value`` overrides; validated.
 
     An unset ``output_dir`` becomes ``runs/<config name>-<timestamp>`` (a new directory
-    per run) unless ``resolve_output_dir=False`` (then it stays None).
+    per run) unless ``resolve_output_dir=False`` (then it stays None). ``check=False``
+    leaves out :func:`validate` (which imports the model code) for the caller to run.
     """
     cfg = copy.deepcopy(DEFAULTS)
     layers: List[Dict[str, Any]] = []
@@ -191,7 +193,8 @@ def load_config(path_or_name: Optional[str] = None, overrides: Sequence[str] = (
             cfg["model"]["options"] = {**cfg["model"]["options"], **parse_override(o)["model"]["options"]}
         else:
             _merge(cfg, parse_override(o), "")
-    validate(cfg)
+    if check:
+        validate(cfg)
     if cfg["output_dir"] is None and resolve_output_dir:
         from .rundir import default_output_dir
 

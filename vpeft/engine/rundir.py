@@ -81,13 +81,15 @@ def _holder(fd: int) -> str:
         return "another process (its PID could not be read)"
 
 
-def claim(out_dir: str, *, resume: bool = False, overwrite: bool = False) -> RunLock:
+def claim(out_dir: str, *, resume: bool = False, overwrite: bool = False, check_only: bool = False) -> RunLock:
     """Lock ``out_dir`` for this training process.
 
     Args:
         out_dir: the run directory (created if absent).
         resume: this run continues the one in ``out_dir`` (its files are expected).
         overwrite: replace a previous run's files (metrics, checkpoints, config, TensorBoard).
+        check_only: raise what :func:`claim` would raise, remove nothing and release the
+            lock at once (the ``vpeft`` command's early check, before it loads torch).
 
     Raises:
         RunDirError: another process holds the lock (its PID and host are named), or
@@ -117,10 +119,16 @@ def claim(out_dir: str, *, resume: bool = False, overwrite: bool = False) -> Run
             if not overwrite:
                 raise RunDirError(f"output_dir {out_dir} already holds a run ({', '.join(found)}): continue it with "
                                   "--resume, replace it with --overwrite, or choose another output_dir")
+            if check_only:
+                lock.release()
+                return lock
             for n in found:
                 p = os.path.join(out_dir, n)
                 shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
             log.info("--overwrite: removed the previous run's %s from %s", ", ".join(found), out_dir)
+        if check_only:
+            lock.release()
+            return lock
         stamp = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
