@@ -424,7 +424,7 @@ def test_progress_lines_without_a_terminal():
     assert ProgressLog(10, enabled=False).step(10, 0.0, 0.0, 0.0) is None
 
 
-def test_progress_bar_total_of_a_partial_last_epoch(data, tmp_path, monkeypatch):
+def test_progress_bar_total_of_a_partial_last_epoch(data, tmp_path, monkeypatch, caplog):
     import vpeft.engine.trainer as trainer_mod
 
     totals = []
@@ -436,8 +436,11 @@ def test_progress_bar_total_of_a_partial_last_epoch(data, tmp_path, monkeypatch)
         return real(*a, **k)
 
     monkeypatch.setattr(trainer_mod, "tqdm", spy)
-    _trainer(data, tmp_path / "run", "train.max_steps=8").fit()    # 6 steps per epoch: 6 + 2
+    with caplog.at_level(logging.INFO, "vpeft"):
+        _trainer(data, tmp_path / "run", "train.max_steps=8", "train.log_every=4").fit()   # 6 steps per epoch: 6 + 2
     assert totals == [6, 2]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [ln.split()[1] for ln in lines] == ["4/8", "8/8"] and all("clips/s  ETA" in ln for ln in lines)
 
 
 def test_cli_help_imports_no_torch_and_overrides_go_anywhere():
