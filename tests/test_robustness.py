@@ -462,3 +462,13 @@ def test_cli_help_imports_no_torch_and_overrides_go_anywhere():
     assert ov == ["train.lr=1e-4", "model.options.bottleneck=8", "data.root=/x=y"]
     args = build_parser(full=False).parse_args(rest)
     assert args.resume == "" and args.overwrite and args.config == "demo"
+
+
+@pytest.mark.parametrize("override,match", [("train.checkpoint_every=2.5", r"train.checkpoint_every must be an integer"),
+                                            ("train.log_every='10'", r"train.log_every must be an integer"),
+                                            ("data.num_classes=true", r"data.num_classes must be an integer")])
+def test_config_fractions_and_strings_for_counts_are_refused(override, match):
+    from vpeft.engine import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        load_config("demo", [override])

@@ -216,6 +216,14 @@ def validate(cfg: Dict[str, Any]) -> None:
         v = cfg[sec][key]
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ConfigError(f"{sec}.{key} must be a positive integer, got {v!r}")
+    for sec, key, low, optional in (("train", "log_every", 1, False), ("train", "keep_checkpoints", 1, False),
+                                    ("train", "eval_every", 0, False), ("train", "checkpoint_every", 0, False),
+                                    ("train", "seed", 0, False), ("data", "num_workers", 0, False),
+                                    ("data", "max_replacements", 0, False), ("train", "stop_at_step", 1, True),
+                                    ("data", "num_classes", 1, True)):
+        v = cfg[sec][key]   # a fraction or a string where a count is meant would be truncated or fail late
+        if not (optional and v is None) and (not isinstance(v, int) or isinstance(v, bool) or v < low):
+            raise ConfigError(f"{sec}.{key} must be an integer >= {low}{' or null' if optional else ''}, got {v!r}")
     if d["num_frames"] is not None and d["num_frames"] != m["num_frames"]:
         raise ConfigError(f"data.num_frames={d['num_frames']} does not match model.num_frames={m['num_frames']}: "
                           "the model is built for a fixed number of frames")
