@@ -472,3 +472,13 @@ def test_config_fractions_and_strings_for_counts_are_refused(override, match):
 
     with pytest.raises(ConfigError, match=match):
         load_config("demo", [override])
+
+
+def test_a_run_that_cannot_start_releases_the_lock(data, tmp_path):
+    from vpeft.engine import ConfigError
+
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError) as e:
+        _trainer(data, out, "data.num_classes=3")       # the list has 4 classes
+    assert e.value is not None                          # the traceback (and the Trainer) is still alive here
+    rundir.claim(str(out)).release()

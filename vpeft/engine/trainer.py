@@ -91,6 +91,13 @@ class Trainer:
         self.run_lock = None
         if train:
             resume = self._claim_output_dir(resume, overwrite, require_checkpoint)
+        try:
+            self._build(cfg, resume, train)
+        except BaseException:
+            self.close()   # a run that cannot start does not keep the directory locked
+            raise
+
+    def _build(self, cfg: Dict[str, Any], resume: Optional[str], train: bool) -> None:
         t, d = cfg["train"], cfg["data"]
         self.device = self.info.device
         self.amp_dtype = _autocast_dtype(t["precision"], self.device)
