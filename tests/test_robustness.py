@@ -482,3 +482,16 @@ def test_a_run_that_cannot_start_releases_the_lock(data, tmp_path):
         _trainer(data, out, "data.num_classes=3")       # the list has 4 classes
     assert e.value is not None                          # the traceback (and the Trainer) is still alive here
     rundir.claim(str(out)).release()
+
+
+def test_early_check_creates_nothing_for_a_new_directory(tmp_path):
+    out = tmp_path / "new"
+    assert not rundir.claim(str(out), check_only=True).held
+    assert not out.exists()
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(rundir.RunDirError, match="already holds a run"):
+        rundir.claim(str(out), check_only=True)
+    assert (out / "metrics.jsonl").exists()
+    rundir.claim(str(out), check_only=True, overwrite=True)
+    assert (out / "metrics.jsonl").exists()             # the check removes nothing

@@ -36,7 +36,7 @@ class RunDirError(ValueError):
 class RunLock:
     """A held lock on a run directory; :meth:`release` (or process exit) frees it."""
 
-    def __init__(self, path: str, fd: int):
+    def __init__(self, path: str, fd: Optional[int]):
         self.path, self._fd = path, fd
 
     @property
@@ -97,6 +97,8 @@ def claim(out_dir: str, *, resume: bool = False, overwrite: bool = False, check_
     """
     import fcntl
 
+    if check_only and not os.path.isdir(out_dir):
+        return RunLock(os.path.join(out_dir, LOCK), None)   # nothing there yet: nothing to refuse, nothing created
     try:
         os.makedirs(out_dir, exist_ok=True)
         fd = os.open(os.path.join(out_dir, LOCK), os.O_RDWR | os.O_CREAT, 0o666)
