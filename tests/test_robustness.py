@@ -272,17 +272,19 @@ def uninterrupted(data, tmp_path_factory):
     return _trainer(data, tmp_path_factory.mktemp("full"), "train.epochs=1").fit()
 
 
-def test_resume_after_bitflip_continues_on_the_uninterrupted_curve(data, tmp_path, uninterrupted, caplog):
+@pytest.mark.parametrize("kind", ["bitflip", "truncate", "missing"])
+def test_resume_after_corruption_continues_on_the_uninterrupted_curve(data, tmp_path, uninterrupted, caplog, kind):
     out = tmp_path / "run"
     first = _trainer(data, out, "train.epochs=1", "train.checkpoint_every=2", "train.stop_at_step=4").fit()
     assert first["steps"] == 4
     names = sorted(os.listdir(out / "checkpoints"))
     assert names == ["latest", "step_00000002", "step_00000004"], names     # one per step, no step_4.1
-    _flip(str(out / "checkpoints" / "step_00000004" / ckpt.WEIGHTS))
+    fn, damage, why = CORRUPTIONS[kind]
+    damage(str(out / "checkpoints" / "step_00000004" / fn))
     os.mkdir(out / "checkpoints" / ".tmp-step_00000006-999")               # an interrupted write's leftover
     with caplog.at_level(logging.WARNING, "vpeft"):
         rest = _trainer(data, out, "train.epochs=1", resume=str(out)).fit()
-    assert "step_00000004 is unusable" in caplog.text and "SHA-256" in caplog.text
+    assert "step_00000004 is unusable" in caplog.text and why in caplog.text
     assert not (out / "checkpoints" / ".tmp-step_00000006-999").exists()
     assert rest["steps"] == 6
     assert _losses(rest) == pytest.approx(_losses(uninterrupted), rel=1e-5, abs=1e-6)
