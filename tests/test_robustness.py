@@ -497,3 +497,13 @@ def test_early_check_creates_nothing_for_a_new_directory(tmp_path):
     assert (out / "metrics.jsonl").exists()
     rundir.claim(str(out), check_only=True, overwrite=True)
     assert (out / "metrics.jsonl").exists()             # the check removes nothing
+
+
+def test_nan_loss_from_a_finite_batch_stops_with_a_hint(data, tmp_path, monkeypatch):
+    from vpeft.engine.trainer import NonFiniteError
+
+    tr = _trainer(data, tmp_path / "run")
+    monkeypatch.setattr(tr, "criterion", lambda logits, label: (logits * float("inf")).sum())
+    with pytest.raises(NonFiniteError, match=r"before optimizer step 1: the loss is (nan|inf) although the batch "
+                                             r"is finite \(clips videos/train/.*Hint: lower train.lr"):
+        tr.fit()

@@ -253,7 +253,7 @@ class Trainer:
         ok = torch.isfinite(v.flatten(1)).all(1).tolist() if v.is_floating_point() else [True] * v.shape[0]
         return [(self.train_ds.samples[int(i)].path, bool(f)) for i, f in zip(batch["index"], ok)]
 
-    def _stop_nonfinite(self, step_loss: float, clips: List[Any]) -> None:
+    def _stop_nonfinite(self, step_loss: float, clips: List[Any], grad_norm: Optional[float] = None) -> None:
         """Raise :class:`NonFiniteError` on every rank, naming the step, the clips and a hint."""
         bad = [p for p, ok in clips if not ok]
         everyone = [p for names in all_gather_objects(bad or [p for p, _ in clips], self.info) for p in names]
@@ -265,8 +265,9 @@ class Trainer:
                 f"training stopped before optimizer step {step}: NaN/inf pixels in the batch, clip(s) {shown}; "
                 "the weights were not updated. Hint: check how these files decode and what the transforms do "
                 "with them (the clips a model gets must be finite)")
+        what = f"the loss is {step_loss}" if grad_norm is None else f"the gradient norm is {grad_norm}"
         raise NonFiniteError(
-            f"training stopped before optimizer step {step}: the loss is {step_loss} although the batch is finite "
+            f"training stopped before optimizer step {step}: {what} although the batch is finite "
             f"(clips {shown}); the weights were not updated. Hint: lower train.lr, set train.clip_grad "
             "(e.g. 1.0), or use train.precision=fp32")
 
@@ -331,8 +332,10 @@ class Trainer:
                         self._stop_nonfinite(step_loss, clips)
                     if t["clip_grad"]:
                         self.scaler.unscale_(self.optimizer)
-                        nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                                 float(t["clip_grad"]))
+                        norm = nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                                        float(t["clip_grad"]))
+                        if not self.scaler.is_enabled() and not math.isfinite(float(norm)):   # fp16: scaler skips
+                            self._stop_nonfinite(step_loss, clips, grad_norm=float(norm))
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
                     self.optimizer.zero_grad(set_to_none=True)
