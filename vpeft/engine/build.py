@@ -79,7 +79,12 @@ def create_backbone(name: str, pretrained: Optional[str] = None, checkpoint: Opt
                                     "does not exist")
         import open_clip as oc
 
-        incompatible = oc.load_checkpoint(model, checkpoint)
+        try:
+            incompatible = oc.load_checkpoint(model, checkpoint)
+        except Exception as e:  # noqa: BLE001 - unreadable or mismatched: one line naming the file
+            from .checkpoint import backbone_load_error
+
+            raise backbone_load_error(checkpoint, model, e) from None
         log.info("loaded backbone weights from %s (%s)", checkpoint, incompatible)
     return model
 
