@@ -181,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .plan import add_plan_parser
 
     add_plan_parser(sub)
+
+    from .data.annotations import add_prepare_data_parser   # vpeft prepare-data (dataset annotation files)
+
+    add_prepare_data_parser(sub)
     return p
 
 
