@@ -62,6 +62,19 @@ class Annotations:
     class_names: Optional[List[str]]
     problems: List[str]
 
+    def __post_init__(self):
+        # file order as first reported, line order within a file
+        files: Dict[str, int] = {}
+        for p in self.problems:
+            files.setdefault(p.split(":", 1)[0], len(files))
+
+        def key(p: str):
+            file, _, rest = p.partition(":")
+            line = rest.split(":", 1)[0]
+            return files[file], int(line) if line.isdigit() else 0
+
+        self.problems = sorted(self.problems, key=key)
+
 
 # ----------------------------------------------------------------- JSON with line numbers
 _WS = re.compile(r"\s*")
