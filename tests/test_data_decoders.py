@@ -55,7 +55,7 @@ def test_pyav_is_the_baseline_and_reasons_are_given():
     assert STATUS["pyav"] is None                       # a required dependency
     for name, why in STATUS.items():
         assert why is None or (name in why and "pip install" in why), (name, why)
-    assert resolve_decoder("auto", announce=False)[0] == AVAILABLE[0]
+    assert resolve_decoder("auto", announce=False) == tuple(DECODERS[DECODERS.index(AVAILABLE[0]):])
     with pytest.raises(ValueError, match=r"unknown video decoder 'ffmpeg' .*expected one of"):
         resolve_decoder("ffmpeg")
     for name in DECODERS:
@@ -278,3 +278,13 @@ def test_training_continues_and_the_epoch_summary_names_them(broken_root, tmp_pa
     assert summary and all(name in summary[0] for name in BROKEN), summary
     end = [r for r in read_jsonl(str(tmp_path / "run" / "metrics.jsonl")) if r.get("event") == "epoch_end"]
     assert sorted(set(end[0]["skipped_video_names"])) == BROKEN
+
+
+def test_decoder_config_keys_are_checked():
+    from vpeft.engine import ConfigError, load_config
+
+    for bad, what in (("data.decoder=ffmpeg", "data.decoder='ffmpeg'"), ("data.resize=nearest", "data.resize="),
+                      ("data.min_frames=0", "data.min_frames must be a positive"),
+                      ("data.frame_template=img.jpg", "data.frame_template='img.jpg' must be a str.format")):
+        with pytest.raises(ConfigError, match=what):
+            load_config(None, [bad])

@@ -46,7 +46,7 @@ class VideoDecodeError(RuntimeError):
     """A video that is missing, empty, too short or cannot be decoded; the message names the file."""
 
 
-class DecoderUnavailable(RuntimeError):
+class DecoderUnavailable(ValueError):
     """A decoder backend that cannot be loaded here; the message says why and how to get it."""
 
 
@@ -75,12 +75,16 @@ def _probe(name: str) -> Optional[str]:
     return None
 
 
+def _loads(name: str) -> Optional[str]:
+    """``None`` when backend ``name`` loads here, else the reason (probed once per process)."""
+    if name not in _STATUS:
+        _STATUS[name] = _probe(name)
+    return _STATUS[name]
+
+
 def decoder_status() -> Dict[str, Optional[str]]:
     """``{backend: None}`` for each backend that loads here, ``{backend: reason}`` for the others."""
-    for name in DECODERS:
-        if name not in _STATUS:
-            _STATUS[name] = _probe(name)
-    return dict(_STATUS)
+    return {name: _loads(name) for name in DECODERS}
 
 
 def available_decoders() -> List[str]:
@@ -94,25 +98,28 @@ _ANNOUNCED: set = set()
 def resolve_decoder(choice: str, *, announce: bool = True) -> Tuple[str, ...]:
     """The backends to try, in order, for ``data.decoder=choice``.
 
-    ``auto`` gives every backend that loads here (decord, torchcodec, PyAV order); a named
-    backend gives just that one and raises :class:`DecoderUnavailable` (with the reason)
-    when it cannot load. With ``announce`` the choice is logged once per process.
+    ``auto`` gives the first backend that loads here (decord, torchcodec, PyAV order)
+    followed by the later ones, which are only loaded if a file needs them (importing
+    torchcodec takes seconds); a named backend gives just that one and raises
+    :class:`DecoderUnavailable` (with the reason) when it cannot load. With ``announce``
+    the choice is logged once per process.
     """
     if choice not in DECODER_CHOICES:
         raise ValueError(f"unknown video decoder {choice!r} (data.decoder); expected one of {DECODER_CHOICES}")
-    status = decoder_status()
     if choice == "auto":
-        order = tuple(n for n in DECODERS if status[n] is None)
-        if not order:
-            raise DecoderUnavailable("no video decoder can be loaded: " + "; ".join(v for v in status.values() if v))
+        first = next((n for n in DECODERS if _loads(n) is None), None)
+        if first is None:
+            raise DecoderUnavailable("no video decoder can be loaded: " + "; ".join(
+                v for v in decoder_status().values() if v))
+        order = (first,) + DECODERS[DECODERS.index(first) + 1:]
     else:
-        if status[choice] is not None:
-            raise DecoderUnavailable(f"data.decoder={choice}: {status[choice]}")
+        if _loads(choice) is not None:
+            raise DecoderUnavailable(f"data.decoder={choice}: {_STATUS[choice]}")
         order = (choice,)
     if announce and choice not in _ANNOUNCED:
         _ANNOUNCED.add(choice)
         if choice == "auto":
-            skipped = "; ".join(f"{n} skipped: {status[n]}" for n in DECODERS if status[n] is not None)
+            skipped = "; ".join(f"{n} skipped: {_STATUS[n]}" for n in DECODERS[:DECODERS.index(order[0])])
             log.info("video decoder: %s (data.decoder=auto%s%s)", order[0],
                      f"; then {', '.join(order[1:])} for a file it cannot read" if len(order) > 1 else "",
                      f"; {skipped}" if skipped else "")
@@ -346,6 +353,9 @@ def open_video(path: str, decoder: Union[str, Sequence[str]] = "auto", *, start:
             raise VideoDecodeError(f"{path}: no frames between start={start} and end={end} seconds")
     errors = []
     for name in order:
+        if _loads(name) is not None:
+            errors.append(f"{name}: cannot be loaded")
+            continue
         try:
             src = _OPENERS[name](path)
         except Exception as e:  # noqa: BLE001 - any failure to open means "try the next backend"
