@@ -100,34 +100,23 @@ def _load_json_text(path: str) -> str:
     return text
 
 
-def _json_array_items(text: str, i: int) -> Iterator[Tuple[int, object]]:
-    """``(line, item)`` for each item of the JSON array starting at ``text[i]``."""
+def _json_children(text: str, i: int) -> Iterator[Tuple[int, Optional[str], int, object]]:
+    """``(line, key, value offset, value)`` for each child of the JSON array or object at
+    ``text[i]`` (``key`` is ``None`` in an array; ``line`` is where the child starts)."""
     dec = json.JSONDecoder()
-    i = _skip(text, i) + 1          # past "["
+    close = "]" if text[i] == "[" else "}"
+    at, line = i, _line(text, i)          # lines counted incrementally: SSv2's train JSON has 169k entries
+    i += 1
     while True:
         i = _skip(text, i)
-        if text[i] == "]":
+        if text[i] == close:
             return
-        item, end = dec.raw_decode(text, i)
-        yield _line(text, i), item
-        i = _skip(text, end)
-        if text[i] == ",":
-            i += 1
-
-
-def _json_object_members(text: str, i: int) -> Iterator[Tuple[int, str, int]]:
-    """``(line, key, value offset)`` for each member of the JSON object at ``text[i]``."""
-    dec = json.JSONDecoder()
-    i = _skip(text, i) + 1          # past "{"
-    while True:
-        i = _skip(text, i)
-        if text[i] == "}":
-            return
-        key, end = dec.raw_decode(text, i)
-        line = _line(text, i)
-        j = _skip(text, _skip(text, end) + 1)   # past ":"
-        yield line, key, j
-        _, end = dec.raw_decode(text, j)
+        line, at, key = line + text.count("\n", at, i), i, None
+        if close == "}":
+            key, end = dec.raw_decode(text, i)
+            i = _skip(text, _skip(text, end) + 1)     # past ":"
+        value, end = dec.raw_decode(text, i)
+        yield line, key, i, value
         i = _skip(text, end)
         if text[i] == ",":
             i += 1
@@ -141,14 +130,14 @@ def json_items(path: str, key: Optional[str] = None) -> List[Tuple[int, object]]
     if key is None:
         if text[i] != "[":
             raise ListFileError(f"{path}:{_line(text, i)}: expected a JSON list of entries")
-        return list(_json_array_items(text, i))
+        return [(line, v) for line, _, _, v in _json_children(text, i)]
     if text[i] != "{":
         raise ListFileError(f"{path}:{_line(text, i)}: expected a JSON object with a {key!r} list")
-    for _, k, j in _json_object_members(text, i):
+    for _, k, j, _ in _json_children(text, i):
         if k == key:
             if text[j] != "[":
                 raise ListFileError(f"{path}:{_line(text, j)}: {key!r} must be a list")
-            return list(_json_array_items(text, j))
+            return [(line, v) for line, _, _, v in _json_children(text, j)]
     raise ListFileError(f"{path}: the JSON object has no {key!r} list")
 
 
@@ -195,10 +184,8 @@ def read_ssv2(annotations: str, labels: str) -> Annotations:
     i = _skip(text, 0)
     if text[i] != "{":
         raise ListFileError(f"{labels}:{_line(text, i)}: expected a JSON object 'template name': 'index'")
-    dec = json.JSONDecoder()
     index: Dict[str, int] = {}
-    for line, name, j in _json_object_members(text, i):
-        value, _ = dec.raw_decode(text, j)
+    for line, name, _, value in _json_children(text, i):
         try:
             index[name] = int(value)
         except (TypeError, ValueError):
