@@ -22,6 +22,46 @@ _OPTIONS: Dict[str, Set[str]] = {
 }
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_fraction(v) -> bool:
+    return _is_number(v) and 0 <= v < 1
+
+
+# what each option of :func:`adapt` must be: (test, what is expected); checked before anything is built
+_OPTION_TYPES = {
+    "dropout": (_is_fraction, "a number in [0, 1)"),
+    "adapter_dropout": (_is_fraction, "a number in [0, 1)"),
+    "preset": (lambda v: isinstance(v, str), "a preset name (str)"),
+    "bottleneck": (lambda v: _is_int(v) and v >= 1, "a positive int"),
+    "side_width": (lambda v: _is_int(v) and v >= 1, "a positive int"),
+    "side_layers": (lambda v: _is_int(v) and v >= 1, "a positive int"),
+    "layers": (lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_int(i) for i in v),
+               "a (first, last) pair of 1-based ints"),
+    "scale": (_is_number, "a number"),
+    "pos_std": (lambda v: v is None or (_is_number(v) and v >= 0), "a non-negative number or None"),
+    "fusion": (lambda v: v in ("mean", "sum"), "'mean' or 'sum'"),
+    "norm": (lambda v: v in ("pre", "post"), "'pre' or 'post'"),
+    "text": (lambda v: isinstance(v, bool), "True or False"),
+    "checkpointing": (lambda v: isinstance(v, bool), "True or False"),
+    "stream": (lambda v: isinstance(v, bool), "True or False"),
+}
+
+
+def _check_options(method: str, options: Mapping) -> None:
+    """Refuse an option of the wrong type or range (``bottleneck=16.7``), naming it and the value."""
+    for name, value in options.items():
+        test, expected = _OPTION_TYPES[name]
+        if not test(value):
+            raise ValueError(f"{method} option {name}={value!r} ({type(value).__name__}); expected {expected}")
+
+
 class ClassifierHead(nn.Module):
     """Dropout then ``Linear(D -> classes)`` on the pooled, normalised [CLS] feature.
 
@@ -43,7 +83,18 @@ class ClassifierHead(nn.Module):
 class VideoModel(nn.Module):
     """An open_clip model adapted to video by one parameter-efficient method.
 
-    Built by :func:`adapt`. Video is ``(B, T, 3, H, W)`` with ``T == num_frames``.
+    Built by :func:`adapt`. Video is ``(B, T, 3, H, W)`` with ``T == num_frames`` and
+    ``H, W`` the backbone's image size, either
+
+    * floating point, already normalised with the backbone's mean and std
+      (``model.tower.mean`` / ``model.tower.std``; what the vpeft data pipeline yields), or
+    * ``uint8`` pixels 0-255 in RGB order (what a decoder returns, permuted to channels
+      first), which are scaled to [0, 1] and normalised here with the backbone's own mean
+      and std.
+
+    Any other dtype (bool, integer, complex) and an empty batch are refused. Values are
+    not checked for NaN/inf here (that would cost a device sync per call); the training
+    engine checks every batch before the optimizer step.
     The backbone's own parameters are frozen (except for ``full_finetune``) and its
     modules stay in eval mode; for ``side4video`` and ``linear_probe`` the backbone
     runs with no autograd graph at all.
@@ -94,10 +145,16 @@ class VideoModel(nn.Module):
 
     # ------------------------------------------------------------------ input
     def _check_video(self, video: torch.Tensor) -> torch.Tensor:
+        """Shape and dtype checks; uint8 video is scaled and normalised (see the class docstring)."""
         if not isinstance(video, torch.Tensor) or video.dim() != 5:
             shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
             raise ValueError(f"video must be a 5-D tensor (B, T, 3, H, W), got {shape}")
         b, t, c, h, w = video.shape
+        if video.dtype != torch.uint8 and not video.is_floating_point():
+            raise ValueError(f"video dtype {video.dtype} is not supported: pass floating-point video normalised with "
+                             f"the backbone's mean/std, or uint8 pixels 0-255 (normalised here)")
+        if b == 0:
+            raise ValueError(f"video is an empty batch (B=0, shape {tuple(video.shape)}); expected at least one clip")
         if t != self.num_frames:
             raise ValueError(f"video has T={t} frames, expected num_frames={self.num_frames} (shape (B, T, 3, H, W))")
         if c != 3:
@@ -106,6 +163,10 @@ class VideoModel(nn.Module):
             raise ValueError(f"video frames are {h}x{w}, expected {self.tower.image_size[0]}x"
                              f"{self.tower.image_size[1]} for this backbone")
         p = next(self.backbone.parameters())
+        if video.dtype == torch.uint8:
+            mean = torch.tensor(self.tower.mean, device=p.device, dtype=torch.float32).view(3, 1, 1)
+            std = torch.tensor(self.tower.std, device=p.device, dtype=torch.float32).view(3, 1, 1)
+            video = (video.to(device=p.device, dtype=torch.float32) / 255.0 - mean) / std
         return video.to(device=p.device, dtype=p.dtype)
 
     # ------------------------------------------------------------------ towers
@@ -233,9 +294,9 @@ class VideoModel(nn.Module):
         missing = sorted(keys - set(state_dict))
         unexpected = sorted(set(state_dict) - keys)
         if strict and (missing or unexpected):
-            raise ValueError(f"adapter state dict does not match this {self.method} model: "
-                             f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+            raise ValueError(f"adapter state dict does not match this {self.method} model ({len(keys)} trained "
+                             f"tensors): {len(missing)} missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                             f"{len(unexpected)} unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
         own = self.state_dict()
         for k, v in state_dict.items():
             if k in own and tuple(own[k].shape) != tuple(v.shape):
@@ -299,10 +360,12 @@ def adapt(model: nn.Module, method: str, *, num_frames: int, num_classes: Option
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {method!r}; "
                          f"expected some of {sorted(_OPTIONS[method])}")
-    if not isinstance(num_frames, int) or num_frames < 1:
-        raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
-    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
-        raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
+    if not _is_int(num_frames) or num_frames < 1:
+        raise ValueError(f"num_frames must be a positive int, got {num_frames!r} ({type(num_frames).__name__})")
+    if num_classes is not None and (not _is_int(num_classes) or num_classes < 1):
+        raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r} "
+                         f"({type(num_classes).__name__})")
+    _check_options(method, options)
     if any(isinstance(m, (STAdapterBlock, MSTABlock)) for m in model.modules()):
         raise ValueError("this model has already been adapted by vpeft; build a fresh model")
     tower = vision_tower(model)
