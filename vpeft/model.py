@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from .backbones.towers import TextTower, VisionTower, text_tower, vision_tower
-from .methods.msta import FusedMSTA, MSTABlock
+from .methods.msta import FusedMSTA, MSTABlock, msta_layers
 from .methods.side4video import SideHead, SideNetwork
 from .methods.st_adapter import PRESETS, STAdapter, STAdapterBlock
 
@@ -63,12 +63,18 @@ def _check_options(method: str, options: Mapping) -> None:
 
 
 class ClassifierHead(nn.Module):
-    """Dropout then ``Linear(D -> classes)`` on the pooled, normalised [CLS] feature."""
+    """Dropout then ``Linear(D -> classes)`` on the pooled, normalised [CLS] feature.
+
+    The classifier starts at ``N(0, 0.02)`` weights and zero bias (ST-Adapter's released
+    ``models_adapter.py``).
+    """
 
     def __init__(self, width: int, num_classes: int, dropout: float = 0.5):
         super().__init__()
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(width, num_classes)
+        nn.init.normal_(self.fc.weight, std=0.02)  # ST-Adapter's released classifier init
+        nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.drop(x))
@@ -299,19 +305,6 @@ class VideoModel(nn.Module):
         return self
 
 
-def _check_layers(layers, depth_v: int, depth_t: Optional[int]) -> Tuple[int, int]:
-    if (not isinstance(layers, (tuple, list)) or len(layers) != 2
-            or not all(isinstance(i, int) for i in layers)):
-        raise ValueError(f"layers must be a (first, last) pair of 1-based ints, got {layers!r}")
-    first, last = layers
-    depth = depth_v if depth_t is None else min(depth_v, depth_t)
-    if not 1 <= first <= last <= depth:
-        where = f"vision depth {depth_v}" + ("" if depth_t is None else f", text depth {depth_t}")
-        raise ValueError(f"layers={tuple(layers)} is outside the model: expected 1 <= first <= last <= {depth} "
-                         f"({where})")
-    return first, last
-
-
 def _check_viclip(tower: VisionTower, method: str, num_frames: int) -> None:
     """What each method means on ViCLIP (one [CLS] per clip, joint space-time attention).
 
@@ -344,13 +337,15 @@ def adapt(model: nn.Module, method: str, *, num_frames: int, num_classes: Option
         num_frames: ``T``, the number of frames every clip has.
         num_classes: add a classifier with this many classes (None: embeddings only).
         **options: per method
-            - all: ``dropout`` (classifier dropout, 0.5).
+            - all: ``dropout`` (classifier dropout; 0.5, and 0 for ``side4video`` as in
+              every released Side4Video config).
             - ``st_adapter``: ``preset`` ``"12x384"`` (before each MLP) or ``"24x384"``
               (before attention and MLP), ``bottleneck`` (overrides r = 384).
-            - ``msta``: ``bottleneck`` (128), ``layers`` (1-based inclusive range applied to
-              both towers, default the last five vision layers), ``scale`` (0.005),
-              ``adapter_dropout`` (0.1), ``text`` (adapt the text tower, default True when
-              there is one).
+            - ``msta``: ``bottleneck`` (128), ``layers`` (default the last five blocks of
+              each tower; a 1-based inclusive ``(first, last)`` for both towers, or a pair
+              of them, one per tower; see :func:`vpeft.methods.msta.msta_layers`),
+              ``scale`` (0.005), ``adapter_dropout`` (0.1), ``text`` (adapt the text
+              tower; default True when there is one and ``num_classes`` is None).
             - ``side4video``: ``side_width`` (320), ``side_layers`` (default the backbone
               depth; must divide it), ``fusion`` (``"mean"``/``"sum"``), ``norm``
               (``"pre"``/``"post"``, default from the backbone), ``checkpointing``,
@@ -402,22 +397,22 @@ def _build(model, method, num_frames, num_classes, tower, text, factory, dropout
                 if "mlp" in where else None
             tower.blocks[i] = STAdapterBlock(blk, tower.ops, a_attn, a_mlp)
     elif method == "msta":
-        use_text = options.get("text", text is not None)
+        # a classifier does not use the text tower: no (untrained) text adapters unless asked
+        use_text = options.get("text", text is not None and num_classes is None)
         if use_text and text is None:
             raise ValueError("text=True but this model has no text tower")
         t = text if use_text else None
-        default = (max(1, tower.depth - 4), tower.depth)
-        first, last = _check_layers(options.get("layers", default), tower.depth, t.blocks.__len__() if t else None)
+        vis, txt = msta_layers(options.get("layers"), tower.depth, len(t.blocks) if t else None)
         r = int(options.get("bottleneck", 128))
         msta = nn.ModuleList()
-        for i in range(first - 1, last):
+        for k, i in enumerate(vis):
             m = FusedMSTA(tower.width, t.width if t else None, r, num_frames,
                           scale=float(options.get("scale", 0.005)),
                           dropout=float(options.get("adapter_dropout", 0.1)), layout=tower.layout).to(**factory)
             msta.append(m)
             tower.blocks[i] = MSTABlock(tower.blocks[i], tower.ops, m, "vision")
             if t is not None:
-                t.blocks[i] = MSTABlock(t.blocks[i], t.ops, m, "text")
+                t.blocks[txt[k]] = MSTABlock(t.blocks[txt[k]], t.ops, m, "text")
     elif method == "side4video":
         norm = options.get("norm", "post" if tower.post_norm else "pre")
         if norm not in ("pre", "post"):
@@ -429,7 +424,8 @@ def _build(model, method, num_frames, num_classes, tower, text, factory, dropout
                            tower.num_patches, post_norm=(norm == "post"), fusion=options.get("fusion", "mean"),
                            pos_std=options.get("pos_std"),
                            checkpointing=bool(options.get("checkpointing", False))).to(**factory)
-        head = SideHead(side.pos.shape[1], num_classes, dropout, num_frames).to(**factory)
+        head = SideHead(side.pos.shape[1], num_classes, float(options.get("dropout", 0.0)), num_frames,
+                        norm=not side.post_norm).to(**factory)
 
     if head is None and num_classes is not None:
         head = ClassifierHead(tower.width, num_classes, dropout).to(**factory)
