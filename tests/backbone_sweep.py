@@ -57,19 +57,16 @@ def build_meta(name: str):
 
 
 def _options(method: str, model) -> dict:
-    """MSTA options valid for this model: its ``r`` must divide the vision width, and its
-    default layers (the last five vision layers, applied to both towers) must exist in a
-    shallower text tower too; other methods run with their defaults."""
+    """MSTA's ``r`` must divide the vision width (a user's choice, not a default); other
+    options are the methods' defaults."""
     if method != "msta":
         return {}
-    from vpeft.backbones.towers import text_tower, vision_tower
+    from vpeft.backbones.towers import vision_tower
     try:
-        tower, text = vision_tower(model), text_tower(model)
+        width = vision_tower(model).width
     except Exception:  # noqa: BLE001 - the adapt call below reports it
         return {}
-    r = next((r for r in (128, 64, 32, 16, 8) if tower.width % r == 0), 128)
-    depth = tower.depth if text is None else min(tower.depth, len(text.blocks))
-    return {"bottleneck": r, "layers": (max(1, depth - 4), depth)}
+    return {"bottleneck": next((r for r in (128, 64, 32, 16, 8) if width % r == 0), 128)}
 
 
 def run_pair(model, method: str, refusal: Tuple[type, ...]) -> Tuple[str, str]:

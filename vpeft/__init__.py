@@ -10,10 +10,27 @@ Quick start::
 
 Ops run fused (Triton / C++ extension) where available and fall back to eager
 PyTorch otherwise; see :func:`vpeft_kernels.backend_status`.
+
+The names below are imported on first use (PEP 562), so ``import vpeft.cli`` (the
+``vpeft`` command) does not load torch before a subcommand needs it.
 """
-from .methods import FusedMSTA, SideNetwork, STAdapter
-from .model import METHODS, VideoModel, adapt
+import importlib
 
 __version__ = "0.1.0"
 
+_LAZY = {"adapt": "vpeft.model", "VideoModel": "vpeft.model", "METHODS": "vpeft.model",
+         "STAdapter": "vpeft.methods", "FusedMSTA": "vpeft.methods", "SideNetwork": "vpeft.methods"}
+
 __all__ = ["adapt", "VideoModel", "METHODS", "STAdapter", "FusedMSTA", "SideNetwork", "__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vpeft' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

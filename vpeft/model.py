@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from .backbones.towers import (TextTower, UnsupportedBackbone, VisionTower, refusal, text_parameters, text_tower,
                                vision_tower)
-from .methods.msta import FusedMSTA, MSTABlock
+from .methods.msta import FusedMSTA, MSTABlock, msta_layers
 from .methods.side4video import SideHead, SideNetwork
 from .methods.st_adapter import PRESETS, STAdapter, STAdapterBlock
 
@@ -23,13 +23,59 @@ _OPTIONS: Dict[str, Set[str]] = {
 }
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_fraction(v) -> bool:
+    return _is_number(v) and 0 <= v < 1
+
+
+# what each option of :func:`adapt` must be: (test, what is expected); checked before anything is built
+_OPTION_TYPES = {
+    "dropout": (_is_fraction, "a number in [0, 1)"),
+    "adapter_dropout": (_is_fraction, "a number in [0, 1)"),
+    "preset": (lambda v: isinstance(v, str), "a preset name (str)"),
+    "bottleneck": (lambda v: _is_int(v) and v >= 1, "a positive int"),
+    "side_width": (lambda v: _is_int(v) and v >= 1, "a positive int"),
+    "side_layers": (lambda v: _is_int(v) and v >= 1, "a positive int"),
+    "layers": (lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_int(i) for i in v),
+               "a (first, last) pair of 1-based ints"),
+    "scale": (_is_number, "a number"),
+    "pos_std": (lambda v: v is None or (_is_number(v) and v >= 0), "a non-negative number or None"),
+    "fusion": (lambda v: v in ("mean", "sum"), "'mean' or 'sum'"),
+    "norm": (lambda v: v in ("pre", "post"), "'pre' or 'post'"),
+    "text": (lambda v: isinstance(v, bool), "True or False"),
+    "checkpointing": (lambda v: isinstance(v, bool), "True or False"),
+    "stream": (lambda v: isinstance(v, bool), "True or False"),
+}
+
+
+def _check_options(method: str, options: Mapping) -> None:
+    """Refuse an option of the wrong type or range (``bottleneck=16.7``), naming it and the value."""
+    for name, value in options.items():
+        test, expected = _OPTION_TYPES[name]
+        if not test(value):
+            raise ValueError(f"{method} option {name}={value!r} ({type(value).__name__}); expected {expected}")
+
+
 class ClassifierHead(nn.Module):
-    """Dropout then ``Linear(D -> classes)`` on the pooled, normalised [CLS] feature."""
+    """Dropout then ``Linear(D -> classes)`` on the pooled, normalised [CLS] feature.
+
+    The classifier starts at ``N(0, 0.02)`` weights and zero bias (ST-Adapter's released
+    ``models_adapter.py``).
+    """
 
     def __init__(self, width: int, num_classes: int, dropout: float = 0.5):
         super().__init__()
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(width, num_classes)
+        nn.init.normal_(self.fc.weight, std=0.02)  # ST-Adapter's released classifier init
+        nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.drop(x))
@@ -38,7 +84,18 @@ class ClassifierHead(nn.Module):
 class VideoModel(nn.Module):
     """An open_clip model adapted to video by one parameter-efficient method.
 
-    Built by :func:`adapt`. Video is ``(B, T, 3, H, W)`` with ``T == num_frames``.
+    Built by :func:`adapt`. Video is ``(B, T, 3, H, W)`` with ``T == num_frames`` and
+    ``H, W`` the backbone's image size, either
+
+    * floating point, already normalised with the backbone's mean and std
+      (``model.tower.mean`` / ``model.tower.std``; what the vpeft data pipeline yields), or
+    * ``uint8`` pixels 0-255 in RGB order (what a decoder returns, permuted to channels
+      first), which are scaled to [0, 1] and normalised here with the backbone's own mean
+      and std.
+
+    Any other dtype (bool, integer, complex) and an empty batch are refused. Values are
+    not checked for NaN/inf here (that would cost a device sync per call); the training
+    engine checks every batch before the optimizer step.
     The backbone's own parameters are frozen (except for ``full_finetune``) and its
     modules stay in eval mode; for ``side4video`` and ``linear_probe`` the backbone
     runs with no autograd graph at all.
@@ -89,10 +146,16 @@ class VideoModel(nn.Module):
 
     # ------------------------------------------------------------------ input
     def _check_video(self, video: torch.Tensor) -> torch.Tensor:
+        """Shape and dtype checks; uint8 video is scaled and normalised (see the class docstring)."""
         if not isinstance(video, torch.Tensor) or video.dim() != 5:
             shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
             raise ValueError(f"video must be a 5-D tensor (B, T, 3, H, W), got {shape}")
         b, t, c, h, w = video.shape
+        if video.dtype != torch.uint8 and not video.is_floating_point():
+            raise ValueError(f"video dtype {video.dtype} is not supported: pass floating-point video normalised with "
+                             f"the backbone's mean/std, or uint8 pixels 0-255 (normalised here)")
+        if b == 0:
+            raise ValueError(f"video is an empty batch (B=0, shape {tuple(video.shape)}); expected at least one clip")
         if t != self.num_frames:
             raise ValueError(f"video has T={t} frames, expected num_frames={self.num_frames} (shape (B, T, 3, H, W))")
         if c != 3:
@@ -101,6 +164,10 @@ class VideoModel(nn.Module):
             raise ValueError(f"video frames are {h}x{w}, expected {self.tower.image_size[0]}x"
                              f"{self.tower.image_size[1]} for this backbone")
         p = next(self.backbone.parameters())
+        if video.dtype == torch.uint8:
+            mean = torch.tensor(self.tower.mean, device=p.device, dtype=torch.float32).view(3, 1, 1)
+            std = torch.tensor(self.tower.std, device=p.device, dtype=torch.float32).view(3, 1, 1)
+            video = (video.to(device=p.device, dtype=torch.float32) / 255.0 - mean) / std
         return video.to(device=p.device, dtype=p.dtype)
 
     # ------------------------------------------------------------------ towers
@@ -214,28 +281,15 @@ class VideoModel(nn.Module):
         missing = sorted(keys - set(state_dict))
         unexpected = sorted(set(state_dict) - keys)
         if strict and (missing or unexpected):
-            raise ValueError(f"adapter state dict does not match this {self.method} model: "
-                             f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+            raise ValueError(f"adapter state dict does not match this {self.method} model ({len(keys)} trained "
+                             f"tensors): {len(missing)} missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                             f"{len(unexpected)} unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
         own = self.state_dict()
         for k, v in state_dict.items():
             if k in own and tuple(own[k].shape) != tuple(v.shape):
                 raise ValueError(f"{k} has shape {tuple(v.shape)} in the state dict, expected {tuple(own[k].shape)}")
         self.load_state_dict({k: v for k, v in state_dict.items() if k in keys}, strict=False)
         return self
-
-
-def _check_layers(layers, depth_v: int, depth_t: Optional[int]) -> Tuple[int, int]:
-    if (not isinstance(layers, (tuple, list)) or len(layers) != 2
-            or not all(isinstance(i, int) for i in layers)):
-        raise ValueError(f"layers must be a (first, last) pair of 1-based ints, got {layers!r}")
-    first, last = layers
-    depth = depth_v if depth_t is None else min(depth_v, depth_t)
-    if not 1 <= first <= last <= depth:
-        where = f"vision depth {depth_v}" + ("" if depth_t is None else f", text depth {depth_t}")
-        raise ValueError(f"layers={tuple(layers)} is outside the model: expected 1 <= first <= last <= {depth} "
-                         f"({where})")
-    return first, last
 
 
 def _check_viclip(tower: VisionTower, method: str, num_frames: int) -> None:
@@ -291,16 +345,18 @@ def adapt(model: nn.Module, method: str, *, num_frames: int, num_classes: Option
         num_frames: ``T``, the number of frames every clip has.
         num_classes: add a classifier with this many classes (None: embeddings only).
         **options: per method
-            - all: ``dropout`` (classifier dropout, 0.5).
+            - all: ``dropout`` (classifier dropout; 0.5, and 0 for ``side4video`` as in
+              every released Side4Video config).
             - ``full_finetune``: ``text`` (also train the text side, for tasks that encode
               text; default False: the vision tower, and its projection only when there
               is no classifier).
             - ``st_adapter``: ``preset`` ``"12x384"`` (before each MLP) or ``"24x384"``
               (before attention and MLP), ``bottleneck`` (overrides r = 384).
-            - ``msta``: ``bottleneck`` (128), ``layers`` (1-based inclusive range applied to
-              both towers, default the last five vision layers), ``scale`` (0.005),
-              ``adapter_dropout`` (0.1), ``text`` (adapt the text tower, default True when
-              there is one).
+            - ``msta``: ``bottleneck`` (128), ``layers`` (default the last five blocks of
+              each tower; a 1-based inclusive ``(first, last)`` for both towers, or a pair
+              of them, one per tower; see :func:`vpeft.methods.msta.msta_layers`),
+              ``scale`` (0.005), ``adapter_dropout`` (0.1), ``text`` (adapt the text
+              tower; default True when there is one and ``num_classes`` is None).
             - ``side4video``: ``side_width`` (320), ``side_layers`` (default the backbone
               depth; must divide it), ``fusion`` (``"mean"``/``"sum"``), ``norm``
               (``"pre"``/``"post"``, default from the backbone), ``checkpointing``,
@@ -315,10 +371,12 @@ def adapt(model: nn.Module, method: str, *, num_frames: int, num_classes: Option
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {method!r}; "
                          f"expected some of {sorted(_OPTIONS[method])}")
-    if not isinstance(num_frames, int) or num_frames < 1:
-        raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
-    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
-        raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
+    if not _is_int(num_frames) or num_frames < 1:
+        raise ValueError(f"num_frames must be a positive int, got {num_frames!r} ({type(num_frames).__name__})")
+    if num_classes is not None and (not _is_int(num_classes) or num_classes < 1):
+        raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r} "
+                         f"({type(num_classes).__name__})")
+    _check_options(method, options)
     if any(isinstance(m, (STAdapterBlock, MSTABlock)) for m in model.modules()):
         raise ValueError("this model has already been adapted by vpeft; build a fresh model")
     tower = vision_tower(model)
@@ -355,21 +413,21 @@ def _build(model, method, num_frames, num_classes, tower, text, factory, dropout
         where = PRESETS[preset]
         prefix = tower.num_prefix_tokens
         for i, blk in enumerate(tower.blocks):
-            a_attn = STAdapter(tower.width, r, num_frames, layout=tower.layout, num_prefix_tokens=prefix).to(**factory) \
+            a_attn = STAdapter(tower.width, r, num_frames, tower.layout, prefix).to(**factory) \
                 if "attn" in where else None
-            a_mlp = STAdapter(tower.width, r, num_frames, layout=tower.layout, num_prefix_tokens=prefix).to(**factory) \
+            a_mlp = STAdapter(tower.width, r, num_frames, tower.layout, prefix).to(**factory) \
                 if "mlp" in where else None
             tower.blocks[i] = STAdapterBlock(blk, tower.ops, a_attn, a_mlp)
     elif method == "msta":
-        use_text = options.get("text", text is not None)
+        # a classifier does not use the text tower: no (untrained) text adapters unless asked
+        use_text = options.get("text", text is not None and num_classes is None)
         if use_text and text is None:
             raise ValueError("text=True but this model has no text tower")
         t = text if use_text else None
-        default = (max(1, tower.depth - 4), tower.depth)
-        first, last = _check_layers(options.get("layers", default), tower.depth, t.blocks.__len__() if t else None)
+        vis, txt = msta_layers(options.get("layers"), tower.depth, len(t.blocks) if t else None)
         r = int(options.get("bottleneck", 128))
         msta = nn.ModuleList()
-        for i in range(first - 1, last):
+        for k, i in enumerate(vis):
             m = FusedMSTA(tower.width, t.width if t else None, r, num_frames,
                           scale=float(options.get("scale", 0.005)),
                           dropout=float(options.get("adapter_dropout", 0.1)), layout=tower.layout,
@@ -377,7 +435,7 @@ def _build(model, method, num_frames, num_classes, tower, text, factory, dropout
             msta.append(m)
             tower.blocks[i] = MSTABlock(tower.blocks[i], tower.ops, m, "vision")
             if t is not None:
-                t.blocks[i] = MSTABlock(t.blocks[i], t.ops, m, "text")
+                t.blocks[txt[k]] = MSTABlock(t.blocks[txt[k]], t.ops, m, "text")
     elif method == "side4video":
         norm = options.get("norm", "post" if tower.post_norm else "pre")
         if norm not in ("pre", "post"):
@@ -389,7 +447,8 @@ def _build(model, method, num_frames, num_classes, tower, text, factory, dropout
                            tower.num_patches, post_norm=(norm == "post"), fusion=options.get("fusion", "mean"),
                            pos_std=options.get("pos_std"),
                            checkpointing=bool(options.get("checkpointing", False))).to(**factory)
-        head = SideHead(side.pos.shape[1], num_classes, dropout, num_frames).to(**factory)
+        head = SideHead(side.pos.shape[1], num_classes, float(options.get("dropout", 0.0)), num_frames,
+                        norm=not side.post_norm).to(**factory)
 
     if head is None and num_classes is not None:
         head = ClassifierHead(tower.feature_dim, num_classes, dropout).to(**factory)

@@ -389,9 +389,14 @@ def create_backbone(name: str, pretrained: Union[None, str, bool] = None, checkp
         if not os.path.isfile(checkpoint):
             raise FileNotFoundError(f"backbone weights file {checkpoint!r} (model.checkpoint / --checkpoint) "
                                     "does not exist")
-        if loader is None:
-            result = model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
-        else:
-            result = loader(model, checkpoint)
+        try:
+            if loader is None:
+                result = model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+            else:
+                result = loader(model, checkpoint)
+        except Exception as e:  # noqa: BLE001 - unreadable or mismatched: one line naming the file
+            from ..engine.checkpoint import backbone_load_error
+
+            raise backbone_load_error(checkpoint, model, e) from None
         log.info("loaded backbone weights from %s (%s)", checkpoint, result)
     return model.eval()

@@ -1,6 +1,20 @@
-"""Training and evaluation engine: configuration, checkpoints, distributed set-up, the loop."""
+"""Training and evaluation engine: configuration, checkpoints, distributed set-up, the loop.
+
+``Trainer`` and the distributed helpers are imported on first use, so reading a
+configuration (``vpeft.engine.config``) does not load torch.
+"""
+import importlib
+
 from .config import ConfigError, load_config, preset_names
-from .distributed import DistInfo, init_distributed
-from .trainer import Trainer
+
+_LAZY = {"Trainer": ".trainer", "DistInfo": ".distributed", "init_distributed": ".distributed"}
 
 __all__ = ["Trainer", "load_config", "preset_names", "ConfigError", "DistInfo", "init_distributed"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vpeft.engine' has no attribute {name!r}")

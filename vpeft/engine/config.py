@@ -41,7 +41,14 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "color_jitter": 0.0,         # brightness/contrast/saturation strength
         "grayscale": 0.0,            # probability of a grayscale clip
         "num_workers": 2,            # loader worker processes per rank
-        "max_replacements": 20,      # other videos tried when one cannot be decoded
+        "max_replacements": 20,      # training: other videos tried when one cannot be decoded
+        "strict": False,             # evaluation: an unreadable video is an error (--strict-data) instead of
+                                     # being excluded, named and counted (videos_skipped)
+        "decoder": "auto",           # auto (decord, torchcodec, pyav: first that loads and opens), or one of them
+        "frame_template": "img_{:05d}.jpg",  # file names in frame-folder samples (str.format of the frame number)
+        "frame_start_index": 1,      # number of a frame folder's first image
+        "min_frames": 1,             # a video with fewer frames is skipped as too short
+        "resize": "auto",            # auto (the backbone's own: bicubic for open_clip), bicubic or bilinear
     },
     "train": {
         "epochs": 30,
@@ -80,7 +87,7 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "text_lr": 1e-7,             # retrieval: lr of the text tower when train_text
         "adapters": None,            # trained weights (adapters.pt of a task run) to start from / evaluate
     },
-    "output_dir": "runs/default",
+    "output_dir": None,              # default: runs/<config name>-<timestamp>, a new directory per run
     "tensorboard": True,
     "device": "auto",                # auto (CUDA when available) or cpu
 }
@@ -111,17 +118,33 @@ def preset_names() -> List[str]:
                   if p.name.endswith(".yaml") and not p.name.startswith("_"))
 
 
+def _safe_load(text: str, where: str) -> Any:
+    """``yaml.safe_load`` with a syntax error as one line: ``where:line:column: problem``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        pos = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        context = getattr(e, "context", None)
+        raise ConfigError(f"{where}{pos}: malformed YAML: {problem}" + (f" ({context})" if context else "")) from None
+
+
 def _read_yaml(path_or_name: str) -> Dict[str, Any]:
     if os.path.isfile(path_or_name):
-        with open(path_or_name) as f:
-            data = yaml.safe_load(f) or {}
+        try:
+            with open(path_or_name) as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path_or_name} cannot be read: {e}") from None
+        data = _safe_load(text, path_or_name) or {}
     else:
         name = os.path.basename(path_or_name)
         name = name[:-5] if name.endswith(".yaml") else name
         if name not in preset_names() and not (name.startswith("_") and
                                                 resources.files("vpeft.configs").joinpath(name + ".yaml").is_file()):
             raise ConfigError(f"config {path_or_name!r} is neither a file nor a preset; presets: {preset_names()}")
-        data = yaml.safe_load(resources.files("vpeft.configs").joinpath(name + ".yaml").read_text()) or {}
+        data = _safe_load(resources.files("vpeft.configs").joinpath(name + ".yaml").read_text(), name + ".yaml") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config {path_or_name!r} must be a YAML mapping, got {type(data).__name__}")
     return data
@@ -135,7 +158,7 @@ def parse_override(text: str) -> Dict[str, Any]:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError(f"override {text!r} has an empty key")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    value = _safe_load(raw, f"override {text!r}") if raw.strip() else None
     out: Dict[str, Any] = value
     for p in reversed(parts):
         out = {p: out}
@@ -143,9 +166,15 @@ def parse_override(text: str) -> Dict[str, Any]:
 
 
 def load_config(path_or_name: Optional[str] = None, overrides: Sequence[str] = (),
-                extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                extra: Optional[Dict[str, Any]] = None, *, resolve_output_dir: bool = True,
+                check: bool = True) -> Dict[str, Any]:
     """Defaults, then the YAML file or preset (presets may name a ``base`` preset), then
-    ``extra`` (a nested dict), then the ``key=value`` overrides; validated."""
+    ``extra`` (a nested dict), then the ``key=value`` overrides; validated.
+
+    An unset ``output_dir`` becomes ``runs/<config name>-<timestamp>`` (a new directory
+    per run) unless ``resolve_output_dir=False`` (then it stays None). ``check=False``
+    leaves out :func:`validate` (which imports the model code) for the caller to run.
+    """
     cfg = copy.deepcopy(DEFAULTS)
     layers: List[Dict[str, Any]] = []
     if path_or_name:
@@ -169,7 +198,12 @@ def load_config(path_or_name: Optional[str] = None, overrides: Sequence[str] = (
             cfg["model"]["options"] = {**cfg["model"]["options"], **parse_override(o)["model"]["options"]}
         else:
             _merge(cfg, parse_override(o), "")
-    validate(cfg)
+    if check:
+        validate(cfg)
+    if cfg["output_dir"] is None and resolve_output_dir:
+        from .rundir import default_output_dir
+
+        cfg["output_dir"] = default_output_dir(path_or_name)
     return cfg
 
 
@@ -187,6 +221,14 @@ def validate(cfg: Dict[str, Any]) -> None:
         v = cfg[sec][key]
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ConfigError(f"{sec}.{key} must be a positive integer, got {v!r}")
+    for sec, key, low, optional in (("train", "log_every", 1, False), ("train", "keep_checkpoints", 1, False),
+                                    ("train", "eval_every", 0, False), ("train", "checkpoint_every", 0, False),
+                                    ("train", "seed", 0, False), ("data", "num_workers", 0, False),
+                                    ("data", "max_replacements", 0, False), ("train", "stop_at_step", 1, True),
+                                    ("data", "num_classes", 1, True)):
+        v = cfg[sec][key]   # a fraction or a string where a count is meant would be truncated or fail late
+        if not (optional and v is None) and (not isinstance(v, int) or isinstance(v, bool) or v < low):
+            raise ConfigError(f"{sec}.{key} must be an integer >= {low}{' or null' if optional else ''}, got {v!r}")
     if d["num_frames"] is not None and d["num_frames"] != m["num_frames"]:
         raise ConfigError(f"data.num_frames={d['num_frames']} does not match model.num_frames={m['num_frames']}: "
                           "the model is built for a fixed number of frames")
@@ -194,6 +236,7 @@ def validate(cfg: Dict[str, Any]) -> None:
         raise ConfigError(f"data.sampling={d['sampling']!r}; expected 'segment' or 'dense'")
     if d["test_crops"] not in (1, 3):
         raise ConfigError(f"data.test_crops={d['test_crops']!r}; expected 1 or 3")
+    _validate_decoding(d)
     if t["precision"] not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision={t['precision']!r}; expected auto, fp32, bf16 or fp16")
     if t["max_steps"] is not None and (not isinstance(t["max_steps"], int) or t["max_steps"] < 1):
@@ -210,6 +253,29 @@ def validate(cfg: Dict[str, Any]) -> None:
             float(cfg[sec][k])
         except (TypeError, ValueError):
             raise ConfigError(f"{sec}.{k} must be a number, got {cfg[sec][k]!r}") from None
+
+
+def _validate_decoding(d: Dict[str, Any]) -> None:
+    from ..data.transforms import INTERPOLATIONS
+    from ..data.video import DECODER_CHOICES
+
+    if d["decoder"] not in DECODER_CHOICES:
+        raise ConfigError(f"data.decoder={d['decoder']!r}; expected one of {DECODER_CHOICES}")
+    if d["resize"] not in ("auto",) + INTERPOLATIONS:
+        raise ConfigError(f"data.resize={d['resize']!r}; expected 'auto' or one of {INTERPOLATIONS}")
+    for key in ("min_frames", "frame_start_index"):
+        v = d[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < (1 if key == "min_frames" else 0):
+            raise ConfigError(f"data.{key} must be a {'positive' if key == 'min_frames' else 'non-negative'} "
+                              f"integer, got {v!r}")
+    tpl = d["frame_template"]
+    try:
+        ok = isinstance(tpl, str) and tpl.format(1) != tpl
+    except (IndexError, KeyError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"data.frame_template={tpl!r} must be a str.format template of the frame number, "
+                          "e.g. 'img_{:05d}.jpg'")
 
 
 def _validate_task(cfg: Dict[str, Any]) -> None:

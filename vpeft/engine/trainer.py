@@ -15,10 +15,11 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from . import rundir
 from .build import build_dataset, build_loader, build_model, check_data, resolve_classes
 from .config import ConfigError, dump
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier
-from .runlog import RunLogger
+from .runlog import ProgressLog, RunLogger
 
 log = logging.getLogger("vpeft")
 
@@ -45,19 +46,20 @@ def _autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtyp
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
-def _rng_state() -> Dict[str, Any]:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
+_rng_state, _set_rng_state = ckpt.rng_state, ckpt.set_rng_state   # plain containers: weights_only=True loads them
 
 
-def _set_rng_state(st: Dict[str, Any]) -> None:
-    torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["python"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+class NonFiniteError(FloatingPointError):
+    """A training batch or its loss is NaN/inf; raised before the optimizer step, so the
+    weights are never updated with it."""
+
+
+def _terminal() -> bool:
+    """Whether progress bars are visible (tqdm writes to stderr)."""
+    try:
+        return os.isatty(2)
+    except OSError:
+        return False
 
 
 class Trainer:
@@ -71,13 +73,31 @@ class Trainer:
         info: this process's place in the process group (single process by default).
         resume: a checkpoint (directory, run directory or ``checkpoints/``) to continue.
         progress: show tqdm progress bars (rank 0 only).
+        overwrite: a training run may replace a previous run in ``output_dir``
+            (otherwise that is refused; see :func:`vpeft.engine.rundir.claim`).
+        require_checkpoint: with ``resume``, a missing checkpoint is an error; with False
+            the run starts fresh and says so (``--resume`` in a retry loop).
+
+    A training Trainer holds ``output_dir``'s lock (rank 0) from construction until
+    :meth:`fit` returns or :meth:`close` is called.
     """
 
     def __init__(self, cfg: Dict[str, Any], info: Optional[DistInfo] = None, *, resume: Optional[str] = None,
-                 progress: bool = True, train: bool = True):
+                 progress: bool = True, train: bool = True, overwrite: bool = False,
+                 require_checkpoint: bool = True):
         self.cfg = cfg
         self.info = info or DistInfo()
         self.progress = progress and self.info.is_main   # bars only on rank 0, and only on a terminal
+        self.run_lock = None
+        if train:
+            resume = self._claim_output_dir(resume, overwrite, require_checkpoint)
+        try:
+            self._build(cfg, resume, train)
+        except BaseException:
+            self.close()   # a run that cannot start does not keep the directory locked
+            raise
+
+    def _build(self, cfg: Dict[str, Any], resume: Optional[str], train: bool) -> None:
         t, d = cfg["train"], cfg["data"]
         self.device = self.info.device
         self.amp_dtype = _autocast_dtype(t["precision"], self.device)
@@ -94,6 +114,8 @@ class Trainer:
                               f"num_frames={self.model.num_frames}")
         self.val_ds = build_dataset(cfg, "val", self.model, self.num_classes, self.class_names) \
             if d["val_list"] else None
+        if self.val_ds is not None:   # evaluation never substitutes: unreadable videos are excluded and reported
+            self.val_ds.on_unreadable = "raise" if d["strict"] else "skip"
         self.train_ds = build_dataset(cfg, "train", self.model, self.num_classes, self.class_names) if train else None
         torch.manual_seed(seed + 1 + self.info.rank)   # dropout differs per rank
 
@@ -109,6 +131,32 @@ class Trainer:
             self._resume(resume, train=train)
 
     # ------------------------------------------------------------------ set-up
+    def _claim_output_dir(self, resume: Optional[str], overwrite: bool, require: bool) -> Optional[str]:
+        """Lock ``output_dir`` on rank 0 (every rank learns the outcome); return the resume path or None."""
+        if self.cfg["output_dir"] is None:
+            self.cfg["output_dir"] = rundir.default_output_dir(None)
+        self.cfg["output_dir"] = all_gather_objects(self.cfg["output_dir"], self.info)[0]   # rank 0's timestamp
+        out = self.cfg["output_dir"]
+        if resume and not require and not ckpt.has_checkpoint(resume):
+            log.warning("--resume: no checkpoint in %s yet; starting a fresh run", resume)
+            resume, overwrite = None, True    # what is there holds nothing to continue from
+        error = None
+        if self.info.is_main:
+            try:
+                self.run_lock = rundir.claim(out, resume=resume is not None, overwrite=overwrite)
+            except rundir.RunDirError as e:
+                error = str(e)
+        error = all_gather_objects(error, self.info)[0]
+        if error:
+            raise rundir.RunDirError(error)
+        return resume
+
+    def close(self) -> None:
+        """Release ``output_dir``'s lock (also done when :meth:`fit` returns)."""
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
+
     def _setup_training(self):
         t = self.cfg["train"]
         world, accum, gb = self.info.world, t["grad_accum"], t["batch_size"]
@@ -146,6 +194,8 @@ class Trainer:
         self.loader, self.sampler = build_loader(self.train_ds, self.per_rank, self.info, self.cfg, train=True)
 
     def _resume(self, path: str, train: bool):
+        if not (os.path.isfile(path) and path.endswith(".safetensors")):
+            path = ckpt.find_checkpoint(path)   # verified once; a broken latest falls back with a warning
         weights, saved_cfg_text = ckpt.load_weights(path)
         if saved_cfg_text:
             import yaml
@@ -171,7 +221,7 @@ class Trainer:
             log.warning("checkpoint holds RNG states for %d ranks, this run has %d: dropout masks after the "
                         "resume will not match an uninterrupted run", len(rng), self.info.world)
         _set_rng_state(rng[self.info.rank % len(rng)])
-        log.info("resumed from %s at step %d (epoch %d, step %d of it)", ckpt.find_checkpoint(path),
+        log.info("resumed from %s at step %d (epoch %d, step %d of it)", path,
                  self.global_step, self.epoch, self.step_in_epoch)
 
     # ------------------------------------------------------------------ helpers
@@ -181,6 +231,8 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _save(self, out_dir: str):
+        if getattr(self, "_saved_step", None) == self.global_step:
+            return   # this step is on disk already: one checkpoint per step
         rngs = all_gather_objects(_rng_state(), self.info)
         if not self.info.is_main:
             self._saved_step = self.global_step
@@ -195,14 +247,40 @@ class Trainer:
                                     keep=int(self.cfg["train"]["keep_checkpoints"]))
         log.info("saved checkpoint %s", path)
 
+    def _clip_status(self, batch) -> List[Any]:
+        """``(file name, pixels all finite)`` for each clip of a training batch."""
+        v = batch["video"]
+        ok = torch.isfinite(v.flatten(1)).all(1).tolist() if v.is_floating_point() else [True] * v.shape[0]
+        return [(self.train_ds.samples[int(i)].path, bool(f)) for i, f in zip(batch["index"], ok)]
+
+    def _stop_nonfinite(self, step_loss: float, clips: List[Any], grad_norm: Optional[float] = None) -> None:
+        """Raise :class:`NonFiniteError` on every rank, naming the step, the clips and a hint."""
+        bad = [p for p, ok in clips if not ok]
+        everyone = [p for names in all_gather_objects(bad or [p for p, _ in clips], self.info) for p in names]
+        bad_anywhere = any(all_gather_objects(bool(bad), self.info))
+        shown = ", ".join(everyone[:8]) + (f" and {len(everyone) - 8} more" if len(everyone) > 8 else "")
+        step = self.global_step + 1
+        if bad_anywhere:
+            raise NonFiniteError(
+                f"training stopped before optimizer step {step}: NaN/inf pixels in the batch, clip(s) {shown}; "
+                "the weights were not updated. Hint: check how these files decode and what the transforms do "
+                "with them (the clips a model gets must be finite)")
+        what = f"the loss is {step_loss}" if grad_norm is None else f"the gradient norm is {grad_norm}"
+        raise NonFiniteError(
+            f"training stopped before optimizer step {step}: {what} although the batch is finite "
+            f"(clips {shown}); the weights were not updated. Hint: lower train.lr, set train.clip_grad "
+            "(e.g. 1.0), or use train.precision=fp32")
+
     # ------------------------------------------------------------------ training
     def fit(self) -> Dict[str, Any]:
         """Train to the end of the schedule (or ``stop_at_step``); return a summary dict."""
         cfg, t = self.cfg, self.cfg["train"]
         out = cfg["output_dir"]
-        logger = RunLogger(out, enabled=self.info.is_main, tensorboard=bool(cfg["tensorboard"]))
         if self.info.is_main:
             os.makedirs(out, exist_ok=True)
+            ckpt.remove_leftovers(out)   # safe: this process holds the directory's lock
+        logger = RunLogger(out, enabled=self.info.is_main, tensorboard=bool(cfg["tensorboard"]))
+        if self.info.is_main:
             ckpt.atomic_write_text(os.path.join(out, "config.yaml"), dump(cfg))
         logger.write({"event": "start" if self.global_step == 0 else "resume", "step": self.global_step,
                       "method": self.model.method, "trainable_parameters": self.model.num_trainable_parameters(),
@@ -212,6 +290,8 @@ class Trainer:
         eval_every = int(t["eval_every"])
         stop_at = t.get("stop_at_step")
         last_eval: Dict[str, Any] = {}
+        lines = ProgressLog(self.total_steps, self.global_step, every_steps=int(t["log_every"]),
+                            enabled=self.info.is_main and not (self.progress and _terminal()))
         try:
             while self.global_step < self.total_steps and (stop_at is None or self.global_step < stop_at):
                 epoch = self.epoch
@@ -219,18 +299,22 @@ class Trainer:
                 self.model.train()
                 it = iter(self.loader)
                 skipped = torch.zeros(1, dtype=torch.long)
-                bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, disable=None if self.progress else True,
+                skipped_names: List[str] = []      # this rank's unreadable videos, for the epoch summary
+                epoch_steps = min(self.steps_per_epoch, self.total_steps - (self.global_step - self.step_in_epoch))
+                bar = tqdm(total=epoch_steps, initial=self.step_in_epoch, disable=None if self.progress else True,
                            desc=f"epoch {epoch + 1}/{self.epochs} train", unit="step", leave=False)
                 while (self.step_in_epoch < self.steps_per_epoch and self.global_step < self.total_steps
                        and (stop_at is None or self.global_step < stop_at)):
                     t0 = time.perf_counter()
-                    losses = []
+                    losses, clips = [], []
                     for k in range(accum):
                         batch = next(it)
                         if batch["failed"]:
                             skipped += len(batch["failed"])
+                            skipped_names.extend(p for p in batch["failed"] if p not in skipped_names)
                             log.warning("rank %d: %d unreadable video(s) replaced: %s", self.info.rank,
                                         len(batch["failed"]), batch["failed"][:3])
+                        clips += self._clip_status(batch)
                         video = batch["video"].to(self.device, non_blocking=True)
                         label = batch["label"].to(self.device, non_blocking=True)
                         sync = self.ddp.no_sync() if (self.ddp is not None and k < accum - 1) \
@@ -241,10 +325,19 @@ class Trainer:
                             loss = self.criterion(logits.float(), label)
                             self.scaler.scale(loss / accum).backward()
                         losses.append(loss.detach())
+                    # before the optimizer step: a NaN/inf batch or loss on any rank stops every rank
+                    n_bad = sum(1 for _, ok in clips if not ok)
+                    red = all_reduce_sum(torch.stack([torch.stack(losses).mean().float().cpu(),
+                                                      torch.tensor(float(n_bad))]), self.info)
+                    step_loss = float(red[0]) / self.info.world
+                    if not math.isfinite(step_loss) or float(red[1]) > 0:
+                        self._stop_nonfinite(step_loss, clips)
                     if t["clip_grad"]:
                         self.scaler.unscale_(self.optimizer)
-                        nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                                 float(t["clip_grad"]))
+                        norm = nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                                        float(t["clip_grad"]))
+                        if not self.scaler.is_enabled() and not math.isfinite(float(norm)):   # fp16: scaler skips
+                            self._stop_nonfinite(step_loss, clips, grad_norm=float(norm))
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
                     self.optimizer.zero_grad(set_to_none=True)
@@ -252,16 +345,12 @@ class Trainer:
                     self.scheduler.step()
                     self.global_step += 1
                     self.step_in_epoch += 1
-                    step_loss = all_reduce_sum(torch.stack(losses).mean().float().cpu().reshape(1), self.info)
-                    step_loss = float(step_loss) / self.info.world
-                    if not math.isfinite(step_loss):
-                        raise FloatingPointError(f"loss is {step_loss} at step {self.global_step}; "
-                                                 "lower train.lr or use precision=fp32")
                     self.train_time += time.perf_counter() - t0
                     self.train_clips += t["batch_size"]
                     self.history.append({"step": self.global_step, "loss": step_loss, "lr": lr})
                     bar.update(1)
                     bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+                    lines.step(self.global_step, step_loss, lr, self.train_clips / max(self.train_time, 1e-9))
                     if self.global_step % int(t["log_every"]) == 0 or self.global_step == self.total_steps:
                         logger.write({"split": "train", "step": self.global_step, "epoch": epoch + 1,
                                       "loss": step_loss, "lr": lr,
@@ -275,14 +364,17 @@ class Trainer:
                 n_skipped = int(all_reduce_sum(skipped, self.info))
                 self.skipped_total += n_skipped
                 if n_skipped:
-                    log.warning("epoch %d: %d unreadable video(s) were skipped and replaced", epoch + 1, n_skipped)
+                    log.warning("epoch %d: %d unreadable video(s) were skipped and replaced: %s%s", epoch + 1, n_skipped,
+                                ", ".join(skipped_names[:20]), f" and {len(skipped_names) - 20} more on rank "
+                                f"{self.info.rank}" if len(skipped_names) > 20 else "")
                 if not epoch_end:
                     self._save(out)   # stopped early (stop_at_step): keep the exact position
                     break
                 self.epoch += 1
                 self.step_in_epoch = 0
                 logger.write({"event": "epoch_end", "epoch": self.epoch, "step": self.global_step,
-                              "skipped_videos": n_skipped, "skipped_videos_total": self.skipped_total})
+                              "skipped_videos": n_skipped, "skipped_videos_total": self.skipped_total,
+                              "skipped_video_names": skipped_names})
                 if not int(t["checkpoint_every"]):
                     self._save(out)
                 finished = self.global_step >= self.total_steps
@@ -294,6 +386,7 @@ class Trainer:
                 self._save(out)   # the final (or stop_at_step) position is always on disk
         finally:
             logger.close()
+            self.close()
         barrier(self.info)
         return {"steps": self.global_step, "epochs": self.epoch, "history": self.history,
                 "skipped_videos": self.skipped_total, "eval": last_eval,
@@ -324,9 +417,14 @@ class Trainer:
         top5 = torch.zeros(1, dtype=torch.float64)
         nll = torch.zeros(1, dtype=torch.float64)
         skipped = torch.zeros(1, dtype=torch.float64)
+        skipped_names: List[str] = []
         k = min(5, C)
         for b in tqdm(loader, disable=None if self.progress else True, desc="eval", unit="batch", leave=False):
-            v = b["video"]                                   # (B, V, T, 3, S, S)
+            skipped += len(b["failed"])                      # unreadable: excluded, never replaced
+            skipped_names += b["failed"]
+            v = b["video"]                                   # (B, V, T, 3, S, S), readable videos only
+            if v is None:
+                continue
             n = v.shape[0]
             with self._autocast():
                 logits = self.model(v.flatten(0, 1).to(self.device, non_blocking=True))
@@ -338,15 +436,20 @@ class Trainer:
             total.index_add_(0, label, torch.ones(n, dtype=torch.float64))
             top5 += (pred == label[:, None]).any(-1).double().sum()
             nll += -prob.gather(1, label[:, None]).clamp_min(1e-12).log().double().sum()
-            skipped += len(b["failed"])
         stats = all_reduce_sum(torch.cat([correct, total, top5, nll, skipped]).to(self.device), self.info).cpu()
         correct, total = stats[:C], stats[C:2 * C]
         top5, nll, skipped = stats[2 * C], stats[2 * C + 1], stats[2 * C + 2]
         n = float(total.sum())
         seen = total > 0
         self.model.train(was_training)
+        skipped_names = sorted(p for names in all_gather_objects(skipped_names, self.info) for p in names)
         if skipped:
-            log.warning("evaluation: %d unreadable video(s) were skipped and replaced", int(skipped))
+            log.warning("evaluation: %d unreadable video(s) excluded (metrics are over the other %d): %s",
+                        int(skipped), int(n), ", ".join(skipped_names[:8]))
+        if n == 0:
+            raise ValueError(f"evaluation: none of the {int(skipped)} videos of data.val_list could be read "
+                             f"(e.g. {skipped_names[:3]}); check data.root and the list file")
         return {"top1": 100.0 * float(correct.sum()) / n, "top5": 100.0 * float(top5) / n,
                 "mean_class": 100.0 * float((correct[seen] / total[seen]).mean()), "loss": float(nll) / n,
-                "videos": int(n), "views": views, "skipped_videos": int(skipped)}
+                "videos": int(n), "videos_evaluated": int(n), "videos_skipped": int(skipped),
+                "videos_skipped_names": skipped_names, "views": views}

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -10,6 +10,54 @@ import torch.nn as nn
 import vpeft_kernels
 
 from ..backbones.towers import BlockOps, around_prefix
+
+DEFAULT_LAST_BLOCKS = 5
+"""The released runs adapt blocks 8..12 of 12: the last five blocks of each tower."""
+
+LayerSpec = Union[None, Tuple[int, int], Tuple[Tuple[int, int], Tuple[int, int]]]
+
+
+def _span(pair, depth: int, tower: str, given) -> range:
+    if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in pair)):
+        raise ValueError(f"layers must be a (first, last) pair of 1-based ints, or a pair of such pairs "
+                         f"((vision), (text)); got {given!r}")
+    first, last = pair
+    if not 1 <= first <= last <= depth:
+        raise ValueError(f"layers={tuple(pair)} is outside the model's {tower} tower: "
+                         f"expected 1 <= first <= last <= {depth} "
+                         f"({tower} depth {depth})")
+    return range(first - 1, last)
+
+
+def msta_layers(layers: LayerSpec, vision_depth: int, text_depth: Optional[int]) -> Tuple[range, Optional[range]]:
+    """0-based blocks of the vision and the text tower that get an MSTA layer.
+
+    ``layers``:
+      - ``None`` (default): the last :data:`DEFAULT_LAST_BLOCKS` blocks of each tower
+        (ViT-L/14 with a 12-block text tower: vision 20..24, text 8..12, 1-based);
+      - ``(first, last)``: 1-based, inclusive, the same range in both towers;
+      - ``((first_v, last_v), (first_t, last_t))``: a range per tower.
+
+    The k-th adapted vision block and the k-th adapted text block share one
+    :class:`FusedMSTA`, so with a text tower both ranges must have the same length.
+    ``text_depth=None``: vision adapters only (the text range is None).
+    """
+    if layers is None:
+        n = min(DEFAULT_LAST_BLOCKS, vision_depth, text_depth or vision_depth)
+        vis = range(vision_depth - n, vision_depth)
+        return vis, (None if text_depth is None else range(text_depth - n, text_depth))
+    per_tower = (isinstance(layers, (tuple, list)) and len(layers) == 2
+                 and all(isinstance(p, (tuple, list)) for p in layers))
+    pv, pt = (layers[0], layers[1]) if per_tower else (layers, layers)
+    vis = _span(pv, vision_depth, "vision", layers)
+    if text_depth is None:
+        return vis, None
+    txt = _span(pt, text_depth, "text", layers)
+    if len(vis) != len(txt):
+        raise ValueError(f"layers={layers!r} adapts {len(vis)} vision and {len(txt)} text blocks; each MSTA layer "
+                         "is shared by one vision and one text block, so the two ranges need the same length")
+    return vis, txt
 
 
 class FusedMSTA(nn.Module):
