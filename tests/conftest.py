@@ -31,10 +31,13 @@ def tiny_clip(layers: int = 4, width: int = 64, image_size: int = 32, patch_size
 
 def tiny_eva(post_norm: bool = True, depth: int = 2, image_size: int = 28):
     """A small open_clip TimmModel around a timm EVA02 trunk (post-norm blocks like ViT-E)."""
-    import timm
-    from open_clip.timm_model import TimmModel
+    from vpeft.backbones.build import create_tiny_eva
 
-    vis = TimmModel("eva02_tiny_patch14_224", embed_dim=32, image_size=image_size, pool="token", proj=None)
-    vis.trunk = timm.create_model("eva02_tiny_patch14_224", num_classes=32, global_pool="token",
-                                  use_post_norm=post_norm, depth=depth, img_size=image_size)
-    return vis
+    return create_tiny_eva(depth=depth, image_size=image_size, post_norm=post_norm)
+
+
+def tiny_backbone(name: str, **kw):
+    """A registered tiny backbone by name (``vpeft.backbones.build.BACKBONES``: one per tower family)."""
+    from vpeft.backbones.build import create_backbone
+
+    return create_backbone(name, **kw)

@@ -6,7 +6,8 @@ from typing import Dict, Iterable, Iterator, Mapping, Optional, Set, Tuple
 import torch
 import torch.nn as nn
 
-from .backbones.towers import TextTower, VisionTower, text_tower, vision_tower
+from .backbones.towers import (TextTower, UnsupportedBackbone, VisionTower, refusal, text_parameters, text_tower,
+                               vision_tower)
 from .methods.msta import FusedMSTA, MSTABlock, msta_layers
 from .methods.side4video import SideHead, SideNetwork
 from .methods.st_adapter import PRESETS, STAdapter, STAdapterBlock
@@ -15,7 +16,7 @@ METHODS = ("linear_probe", "full_finetune", "st_adapter", "msta", "side4video")
 
 _OPTIONS: Dict[str, Set[str]] = {
     "linear_probe": {"dropout"},
-    "full_finetune": {"dropout"},
+    "full_finetune": {"dropout", "text"},
     "st_adapter": {"preset", "bottleneck", "dropout"},
     "msta": {"bottleneck", "layers", "scale", "adapter_dropout", "text", "dropout"},
     "side4video": {"side_width", "side_layers", "fusion", "norm", "checkpointing", "stream", "pos_std", "dropout"},
@@ -170,61 +171,47 @@ class VideoModel(nn.Module):
         return video.to(device=p.device, dtype=p.dtype)
 
     # ------------------------------------------------------------------ towers
-    def _tokens(self, frames: torch.Tensor, stop_after: Optional[int] = None, keep: Tuple[int, ...] = ()):
-        """Run the vision tower; return final tokens and the kept layers' outputs.
+    def _tokens(self, frames: torch.Tensor, keep: Tuple[int, ...] = (), stop_early: bool = False):
+        """Run the vision tower; return the last tokens computed and the kept blocks' outputs.
 
         ``frames`` is ``(B*T, 3, H, W)`` for a per-frame tower, or the video
-        ``(B, T, 3, H, W)`` (any tower; a ViCLIP tower needs the whole clip).
+        ``(B, T, 3, H, W)`` (any tower; a ViCLIP tower needs the whole clip). See
+        :meth:`~vpeft.backbones.towers.VisionTower.forward_intermediates`.
         """
-        x, kw = self.tower.embed_video(frames) if frames.dim() == 5 else self.tower.embed(frames)
-        kept = []
-        last = self.tower.depth - 1 if stop_after is None else stop_after
-        for i in range(last + 1):
-            x = self.tower.blocks[i](x, **kw)
-            if i in keep:
-                kept.append(x)
-        return x, kept
+        return self.tower.forward_intermediates(frames, keep, stop_early=stop_early)
 
     def _pooled(self, video: torch.Tensor) -> torch.Tensor:
-        """``(B, D)``: per-frame [CLS] averaged over T (the clip's one [CLS] for ViCLIP),
-        then the tower's final norm."""
-        b, t = video.shape[:2]
+        """``(B, F)``: the model's own pooling per frame averaged over T (the clip's one
+        [CLS] for ViCLIP), then its post-pool norm; see
+        :meth:`~vpeft.backbones.towers.VisionTower.video_feature`."""
         frames = video if self.tower.layout == "nt" else video.flatten(0, 1)
         if self.method == "linear_probe":
             with torch.no_grad():
-                x, _ = self._tokens(frames)
+                x, _ = self.tower.forward_intermediates(frames)
         else:
-            x, _ = self._tokens(frames)
-        cls = x[:, 0] if self.tower.layout == "nt" else x[:, 0].reshape(b, t, -1).mean(1)
-        return self.tower.final_norm(cls)
+            x, _ = self.tower.forward_intermediates(frames)
+        return self.tower.video_feature(x, video.shape[1])
 
     def _ladder_levels(self, frames: torch.Tensor) -> Iterator[torch.Tensor]:
         """Yield the ladder levels one by one, advancing the frozen tower only as far as needed.
 
-        Each step runs under ``no_grad``; the yield itself is outside it, so the
+        Each tower step runs under ``no_grad``; the yield is outside it, so the
         consumer's side blocks build their autograd graph normally. Between two yields
         only the current token stream of the tower is alive here: the previous level
-        is released as soon as the consumer has projected it (autograd keeps what the
-        ladder's weight gradient needs; nothing else of the tower survives).
+        is released as soon as the consumer has projected it. Levels are in the
+        tower's :meth:`~vpeft.backbones.towers.VisionTower.side_view` (summary token,
+        then patches).
         """
-        ids = tuple(self.side.layer_ids)
-        with torch.no_grad():
-            x, kw = self.tower.embed(frames)
-        done = 0
-        for target in ids:
-            with torch.no_grad():
-                while done <= target:
-                    x = self.tower.blocks[done](x, **kw)
-                    done += 1
-            yield x
+        for x in self.tower.iter_intermediates(frames, self.side.layer_ids):
+            yield self.tower.side_view(x)
 
     def _side_tokens(self, video: torch.Tensor) -> torch.Tensor:
         frames = video.flatten(0, 1)
         if self.side_stream:
             return self.side(video.transpose(1, 2), self._ladder_levels(frames))
-        ids = tuple(self.side.layer_ids)
         with torch.no_grad():
-            _, feats = self._tokens(frames, stop_after=ids[-1], keep=ids)
+            _, feats = self._tokens(frames, tuple(self.side.layer_ids), stop_early=True)
+            feats = [self.tower.side_view(f) for f in feats]
         return self.side(video.transpose(1, 2), feats)
 
     # ------------------------------------------------------------------ API
@@ -325,20 +312,44 @@ def _check_viclip(tower: VisionTower, method: str, num_frames: int) -> None:
                          "(its temporal position embedding has that length)")
 
 
+def _full_finetune_parameters(model: nn.Module, tower: VisionTower, num_classes: Optional[int], options) -> None:
+    """``full_finetune`` trains the vision tower (its projection only when there is no
+    classifier, since a classifier reads the pre-projection feature) and, with
+    ``text=True`` (tasks that encode text), the text side of the model as well."""
+    use_text = options.get("text", False)
+    if not isinstance(use_text, bool):
+        raise ValueError(f"full_finetune option text must be True or False, got {use_text!r}")
+    for p in tower.trainable_parameters(projection=num_classes is None):
+        p.requires_grad_(True)
+    if use_text:
+        params = text_parameters(model) if hasattr(model, "visual") else []
+        if not params:
+            raise ValueError(f"text=True but {type(model).__name__} has no text tower")
+        for p in params:
+            p.requires_grad_(True)
+
+
 def adapt(model: nn.Module, method: str, *, num_frames: int, num_classes: Optional[int] = None,
           **options) -> VideoModel:
-    """Adapt an open_clip model (``open_clip.create_model(...)``) or a ViCLIP to video, in place.
+    """Adapt an open_clip model, a bare timm ViT/Eva or a ViCLIP to video, in place.
 
     Args:
-        model: an open_clip model with a native ViT or timm EVA vision tower, or a
+        model: an open_clip model (native ViT incl. CLIPA and CoCa, or a timm ViT/Eva
+            tower: SigLIP/SigLIP2, EVA, PE-Core, MobileCLIP-B/L, ViTamin), a bare timm
+            ``VisionTransformer``/``Eva`` (image-only: no text tower), or a
             :class:`vpeft.backbones.viclip.ViCLIP` (not with ``side4video``, see
-            :func:`_check_viclip`; ``num_frames`` must be the ViCLIP's own).
+            :func:`_check_viclip`; ``num_frames`` must be the ViCLIP's own). Anything
+            else raises :class:`~vpeft.backbones.towers.UnsupportedBackbone` naming the
+            class and the supported families (:data:`vpeft.backbones.towers.FAMILIES`).
         method: ``linear_probe``, ``full_finetune``, ``st_adapter``, ``msta`` or ``side4video``.
         num_frames: ``T``, the number of frames every clip has.
         num_classes: add a classifier with this many classes (None: embeddings only).
         **options: per method
             - all: ``dropout`` (classifier dropout; 0.5, and 0 for ``side4video`` as in
               every released Side4Video config).
+            - ``full_finetune``: ``text`` (also train the text side, for tasks that encode
+              text; default False: the vision tower, and its projection only when there
+              is no classifier).
             - ``st_adapter``: ``preset`` ``"12x384"`` (before each MLP) or ``"24x384"``
               (before attention and MLP), ``bottleneck`` (overrides r = 384).
             - ``msta``: ``bottleneck`` (128), ``layers`` (default the last five blocks of
@@ -372,11 +383,21 @@ def adapt(model: nn.Module, method: str, *, num_frames: int, num_classes: Option
     text = text_tower(model)
     if tower.kind == "viclip":
         _check_viclip(tower, method, num_frames)
+    if method == "side4video":
+        with torch.no_grad():  # a tower without [CLS] must pool to token width
+            p0 = next(model.parameters())
+            try:
+                tower.side_view(torch.zeros(1, tower.num_prefix_tokens + 1, tower.width, dtype=p0.dtype,
+                                            device=p0.device))
+            except UnsupportedBackbone as e:
+                raise refusal(model, f"side4video: {e}") from None
     p = next(model.parameters())
     factory = dict(dtype=p.dtype)  # new modules are built on the backbone's device (see below)
     dropout = float(options.get("dropout", 0.5))
 
-    model.requires_grad_(method == "full_finetune")
+    model.requires_grad_(False)
+    if method == "full_finetune":
+        _full_finetune_parameters(model, tower, num_classes, options)
     with torch.device(p.device):
         return _build(model, method, num_frames, num_classes, tower, text, factory, dropout, options)
 
@@ -390,10 +411,11 @@ def _build(model, method, num_frames, num_classes, tower, text, factory, dropout
             raise ValueError(f"unknown ST-Adapter preset {preset!r}; expected one of {tuple(PRESETS)}")
         r = int(options.get("bottleneck", 384))
         where = PRESETS[preset]
+        prefix = tower.num_prefix_tokens
         for i, blk in enumerate(tower.blocks):
-            a_attn = STAdapter(tower.width, r, num_frames, layout=tower.layout).to(**factory) \
+            a_attn = STAdapter(tower.width, r, num_frames, tower.layout, prefix).to(**factory) \
                 if "attn" in where else None
-            a_mlp = STAdapter(tower.width, r, num_frames, layout=tower.layout).to(**factory) \
+            a_mlp = STAdapter(tower.width, r, num_frames, tower.layout, prefix).to(**factory) \
                 if "mlp" in where else None
             tower.blocks[i] = STAdapterBlock(blk, tower.ops, a_attn, a_mlp)
     elif method == "msta":
@@ -408,7 +430,8 @@ def _build(model, method, num_frames, num_classes, tower, text, factory, dropout
         for k, i in enumerate(vis):
             m = FusedMSTA(tower.width, t.width if t else None, r, num_frames,
                           scale=float(options.get("scale", 0.005)),
-                          dropout=float(options.get("adapter_dropout", 0.1)), layout=tower.layout).to(**factory)
+                          dropout=float(options.get("adapter_dropout", 0.1)), layout=tower.layout,
+                          num_prefix_tokens=tower.num_prefix_tokens).to(**factory)
             msta.append(m)
             tower.blocks[i] = MSTABlock(tower.blocks[i], tower.ops, m, "vision")
             if t is not None:
@@ -428,7 +451,7 @@ def _build(model, method, num_frames, num_classes, tower, text, factory, dropout
                         norm=not side.post_norm).to(**factory)
 
     if head is None and num_classes is not None:
-        head = ClassifierHead(tower.width, num_classes, dropout).to(**factory)
+        head = ClassifierHead(tower.feature_dim, num_classes, dropout).to(**factory)
     vm = VideoModel(model, method, num_frames, num_classes, tower, text, msta=msta, side=side, head=head)
     vm.side_stream = bool(options.get("stream", False)) and side is not None
     return vm

@@ -1,4 +1,16 @@
-"""Build open_clip backbones directly on a device and in a dtype, randomly initialised.
+"""The backbone registry and builders: every named backbone vpeft can build, in one table.
+
+:func:`create_backbone` is the one builder (used by the engine, the tasks, profiling,
+the planner and the tests). A name is looked up in this order:
+
+1. :data:`BACKBONES`: vpeft's own entries (the tiny test configs, the ViCLIP sizes),
+   added with :func:`register_backbone` (which refuses duplicate names);
+2. any ``open_clip.list_models()`` name (``ViT-B-16``, ``EVA02-E-14``, ``ViT-SO400M-14-SigLIP``...);
+3. any timm model name, written ``timm:NAME`` (or bare when open_clip does not know
+   it): a bare timm ViT/Eva (image-only).
+
+Random weights by default; ``pretrained`` asks the library to download them (fails
+with :class:`PretrainedUnavailable` offline) and ``checkpoint`` loads a local file.
 
 ``open_clip.create_model(name, device="cuda", precision="bf16")`` first builds the
 model on the CPU in fp32 and then moves and casts it: for EVA02-E-14 (4.35 B vision
@@ -13,7 +25,10 @@ checkpoint afterwards with ``load_state_dict`` if you have one.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Union
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -32,6 +47,17 @@ def construct_on(device: Union[str, torch.device], dtype: torch.dtype) -> Iterat
             yield
     finally:
         torch.set_default_dtype(previous)
+
+
+log = logging.getLogger("vpeft")
+
+
+class PretrainedUnavailable(RuntimeError):
+    """Pretrained weights could not be fetched (usually: no network)."""
+
+
+class UnknownBackbone(ValueError):
+    """A backbone name no table, open_clip nor timm knows."""
 
 
 def _config(name: str) -> dict:
@@ -67,7 +93,18 @@ def create_model(name: str, *, device: Union[str, torch.device] = "cpu",
 
     cfg = dict(_config(name))
     custom = cfg.pop("custom_text", False)
-    cls = open_clip.CustomTextCLIP if custom else open_clip.CLIP
+    if "multimodal_cfg" in cfg:
+        cls = open_clip.CoCa
+    elif custom or "hf_model_name" in cfg.get("text_cfg", {}):
+        cls = open_clip.CustomTextCLIP
+    else:
+        cls = open_clip.CLIP
+    if "hf_model_name" in cfg.get("text_cfg", {}):
+        import importlib.util
+        if importlib.util.find_spec("transformers") is None:
+            raise ValueError(f"open_clip model {name!r} has a Hugging Face text tower "
+                             f"({cfg['text_cfg']['hf_model_name']}); install `transformers` to build it, or build "
+                             f"its vision tower alone with create_vision_tower({name!r})")
     with construct_on(device, dtype):
         model = cls(**cfg)
     return model.eval()
@@ -88,3 +125,278 @@ def create_tiny_eva(*, depth: int = 4, image_size: int = 56, post_norm: bool = T
         vis.trunk = timm.create_model("eva02_tiny_patch14_224", num_classes=32, global_pool="token",
                                       use_post_norm=post_norm, depth=depth, img_size=image_size)
     return vis.eval()
+
+
+def create_tiny_timm(model_name: str, *, wrap: bool = True, output_dim: int = 32, proj: Optional[str] = None,
+                     device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None,
+                     **timm_kwargs) -> nn.Module:
+    """A small random timm model of architecture ``model_name`` (sizes overridden by ``timm_kwargs``).
+
+    ``wrap``: inside an open_clip ``TimmModel`` (as open_clip builds SigLIP, PE-Core,
+    MobileCLIP towers), with ``proj`` ``None`` (the trunk's head projects to
+    ``output_dim``, like EVA/PE-Core), ``"none"`` (no projection, SigLIP) or
+    ``"linear"``. Otherwise the bare timm model. For tests and CPU runs.
+    """
+    import timm
+
+    with construct_on(device, dtype or torch.get_default_dtype()):
+        if not wrap:
+            return timm.create_model(model_name, **timm_kwargs).eval()
+        from open_clip.timm_model import TimmModel
+
+        # TimmModel's own __init__ would first build the full-size trunk; set its two parts directly
+        vis = TimmModel.__new__(TimmModel)
+        nn.Module.__init__(vis)
+        head = 0 if proj in ("none", "linear") else output_dim
+        vis.trunk = timm.create_model(model_name, num_classes=head, **timm_kwargs)
+        if proj == "linear":
+            vis.head = nn.Sequential(nn.Linear(vis.trunk.num_features, output_dim, bias=False))
+        else:
+            vis.head = nn.Sequential()
+        vis.image_size = tuple(vis.trunk.patch_embed.img_size)
+    return vis.eval()
+
+
+# ---------------------------------------------------------------------------------- the registry
+@dataclass(frozen=True)
+class BackboneEntry:
+    """One named backbone: ``build(num_frames, device, dtype)`` returns it randomly initialised.
+
+    ``source``: ``"vpeft"`` (a test config), ``"viclip"``, ``"open_clip"`` or ``"timm"``.
+    ``load``: ``load(model, path)`` reads a local weights file into it (None: ``load_state_dict``).
+    """
+
+    name: str
+    source: str
+    description: str
+    build: Callable[..., nn.Module]
+    load: Optional[Callable[[nn.Module, str], Any]] = None
+
+
+BACKBONES: Dict[str, BackboneEntry] = {}
+"""vpeft's own named backbones (open_clip and timm names are resolved on demand)."""
+
+
+def register_backbone(name: str, source: str, description: str,
+                      load: Optional[Callable[[nn.Module, str], Any]] = None):
+    """Decorator: register ``build(num_frames, device, dtype)`` under ``name`` (names are unique)."""
+    def deco(fn):
+        if name in BACKBONES:
+            raise ValueError(f"backbone {name!r} is already registered ({BACKBONES[name].description})")
+        BACKBONES[name] = BackboneEntry(name, source, description, fn, load)
+        return fn
+    return deco
+
+
+def _tiny_clip(vision: Dict[str, Any], text: Dict[str, Any], embed_dim: int = 64):
+    def build(num_frames, device, dtype):
+        import open_clip
+
+        with construct_on(device, dtype):
+            return open_clip.CLIP(embed_dim=embed_dim, vision_cfg=dict(vision), text_cfg=dict(text))
+    return build
+
+
+TINY_BACKBONES: Dict[str, Dict[str, Any]] = {
+    "vpeft-tiny": dict(embed_dim=64, vision_cfg=dict(layers=4, width=96, patch_size=8, image_size=32, head_width=32),
+                       text_cfg=dict(context_length=16, vocab_size=1000, width=64, heads=2, layers=2)),
+    "clip-tiny-text": dict(embed_dim=64, vision_cfg=dict(layers=4, width=96, patch_size=8, image_size=32,
+                                                         head_width=32),
+                           text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=2)),
+}
+"""Small open_clip CLIP configs for CPU runs; ``clip-tiny-text`` takes real BPE token ids."""
+
+def _open_clip_loader(model, path):
+    import open_clip
+    return open_clip.load_checkpoint(model, path)
+
+
+for _name, _cfg in TINY_BACKBONES.items():
+    register_backbone(_name, "vpeft", f"tiny open_clip CLIP for CPU runs ({_cfg['vision_cfg']})",
+                      _open_clip_loader)(_tiny_clip(_cfg["vision_cfg"], _cfg["text_cfg"], _cfg["embed_dim"]))
+
+_TINY_VISION = dict(layers=2, width=64, patch_size=8, image_size=32, head_width=32)
+_TINY_TEXT = dict(context_length=16, vocab_size=100, width=32, heads=2, layers=2)
+register_backbone("tiny-clipa", "vpeft", "tiny open_clip CLIP with CLIPA's avg pooling and final_ln_after_pool",
+                  _open_clip_loader)(
+    _tiny_clip(dict(_TINY_VISION, pool_type="avg", final_ln_after_pool=True, no_ln_pre=True), _TINY_TEXT, 32))
+
+
+@register_backbone("tiny-coca", "vpeft", "tiny open_clip CoCa (attentional pooler over the vision tokens)",
+                   _open_clip_loader)
+def _tiny_coca(num_frames, device, dtype):
+    import open_clip
+
+    with construct_on(device, dtype):
+        return open_clip.CoCa(embed_dim=32, vision_cfg=dict(_TINY_VISION, attentional_pool=True, attn_pooler_heads=2,
+                                                             attn_pooler_queries=8, output_tokens=True),
+                              text_cfg=dict(_TINY_TEXT, embed_cls=True, output_tokens=True),
+                              multimodal_cfg=dict(context_length=16, vocab_size=100, width=32, heads=2, layers=1))
+
+
+TINY_VICLIP: Dict[str, Any] = dict(image_size=32, patch_size=8, vision_width=64, vision_layers=3, vision_heads=2,
+                                   text_width=64, text_layers=3, text_heads=2, embed_dim=64)
+
+
+def _viclip_loader(model, path):
+    from .viclip import load_viclip_checkpoint
+    return load_viclip_checkpoint(model, path)
+
+
+def _viclip(name: Optional[str]):
+    def build(num_frames, device, dtype):
+        from .viclip import create_viclip
+
+        kw = dict(TINY_VICLIP) if name is None else {}
+        with construct_on(device, dtype):
+            return create_viclip(name, num_frames=num_frames or 8, **kw)
+    return build
+
+
+register_backbone("viclip-tiny", "viclip", "tiny ViCLIP for CPU runs", _viclip_loader)(_viclip(None))
+for _name in ("ViCLIP-B-16", "ViCLIP-L-14"):
+    register_backbone(_name, "viclip", f"ViCLIP {_name[7:]} (weights: a local checkpoint file)",
+                      _viclip_loader)(_viclip(_name))
+
+
+def _tiny_timm(model_name: str, wrap: bool, **kw):
+    def build(num_frames, device, dtype):
+        return create_tiny_timm(model_name, wrap=wrap, device=device, dtype=dtype, **kw)
+    return build
+
+
+TINY_TOWERS: Dict[str, tuple] = {
+    # name: (timm architecture, wrapped in open_clip's TimmModel, proj, timm overrides)
+    "tiny-eva02": ("eva02_tiny_patch14_224", True, None,
+                   dict(depth=2, img_size=28, global_pool="token", use_post_norm=True)),
+    "tiny-siglip": ("vit_base_patch16_siglip_224", True, "none",
+                    dict(depth=2, embed_dim=64, num_heads=2, img_size=32, patch_size=8, global_pool="map")),
+    "tiny-pe-core": ("vit_pe_core_tiny_patch16_384", True, None,
+                     dict(depth=2, embed_dim=64, num_heads=2, img_size=32, patch_size=8, global_pool="map")),
+    "tiny-pe-core-nocls": ("vit_pe_core_gigantic_patch14_448", True, None,
+                           dict(depth=2, embed_dim=64, num_heads=2, img_size=28, patch_size=14, global_pool="map")),
+    "tiny-mobileclip-b": ("vit_base_mci_224", True, None, dict(depth=2, img_size=32, global_pool="token")),
+    "tiny-vitamin": ("vitamin_small_224", True, "linear", dict(depth=2, img_size=32, global_pool="avg")),
+    "tiny-timm-vit": ("vit_base_patch16_224", False, None, dict(depth=2, embed_dim=64, num_heads=2, img_size=32,
+                                                                patch_size=8)),
+    "tiny-deit": ("deit_tiny_patch16_224", False, None, dict(depth=2, img_size=32)),
+    "tiny-dinov2-reg": ("vit_small_patch14_reg4_dinov2", False, None,
+                        dict(depth=2, embed_dim=64, num_heads=2, img_size=28)),
+    "tiny-eva-bare": ("eva02_tiny_patch14_224", False, None, dict(depth=2, img_size=28)),
+}
+"""Small random towers, one per timm-based family (vision only, for CPU tests)."""
+
+for _name, (_arch, _wrap, _proj, _kw) in TINY_TOWERS.items():
+    register_backbone(_name, "vpeft", f"tiny {'open_clip TimmModel around ' if _wrap else 'bare '}timm {_arch}")(
+        _tiny_timm(_arch, _wrap, **({"proj": _proj} if _wrap else {}), **_kw))
+
+
+def list_backbones() -> List[str]:
+    """vpeft's registered names, then every open_clip name (timm names: ``timm:NAME``)."""
+    import open_clip
+    return list(BACKBONES) + [n for n in open_clip.list_models() if n not in BACKBONES]
+
+
+def _source(name: str) -> str:
+    if name in BACKBONES:
+        return "registry"
+    import open_clip
+    if name in open_clip.list_models():
+        return "open_clip"
+    import timm
+    bare = name[5:] if name.startswith("timm:") else name
+    if timm.is_model(bare):
+        return "timm"
+    raise UnknownBackbone(f"unknown backbone {name!r}: not one of vpeft's {sorted(BACKBONES)}, not an "
+                          "open_clip model name (open_clip.list_models()), nor a timm model name (timm:NAME)")
+
+
+def _download_failed(what: str, e: Exception) -> PretrainedUnavailable:
+    first = str(e).splitlines()[0] if str(e) else ""
+    return PretrainedUnavailable(
+        f"could not download {what} ({type(e).__name__}: {first}). This machine may have no network access: "
+        "download the weights elsewhere and pass the local file with --checkpoint PATH (model.checkpoint=PATH) "
+        "instead.")
+
+
+def _open_clip_pretrained(name: str, pretrained: str, device, dtype):
+    import open_clip
+    from open_clip import pretrained as oc_pretrained
+
+    pcfg = oc_pretrained.get_pretrained_cfg(name, pretrained)
+    if not pcfg:
+        tags = oc_pretrained.list_pretrained_tags_by_model(name)
+        raise ValueError(f"open_clip has no pretrained tag {pretrained!r} for {name}; known tags: {tags}. "
+                         "For your own weights file use --checkpoint PATH")
+    try:  # fetch first (fails fast offline), build second
+        oc_pretrained.download_pretrained(pcfg)
+        model = open_clip.create_model(name, pretrained=pretrained, device=device)
+    except Exception as e:  # noqa: BLE001 - any download failure
+        raise _download_failed(f"open_clip weights {name!r} pretrained={pretrained!r}", e) from e
+    return model.to(dtype=dtype).eval()
+
+
+def create_backbone(name: str, pretrained: Union[None, str, bool] = None, checkpoint: Optional[str] = None,
+                    num_frames: Optional[int] = None, device: Union[str, torch.device] = "cpu",
+                    dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Build the backbone ``name`` (see the module docstring for how names resolve).
+
+    Args:
+        name: a :data:`BACKBONES` name, an open_clip model name, or ``timm:NAME``.
+        pretrained: an open_clip pretrained tag, or True for timm's default weights
+            (both download; offline they raise :class:`PretrainedUnavailable`). Not for
+            vpeft's test configs or ViCLIP (whose weights come from a local file).
+        checkpoint: a local weights file (open_clip: ``open_clip.load_checkpoint``; ViCLIP:
+            the official layout; timm: ``timm.models.load_checkpoint``; others: a state dict).
+        num_frames: ViCLIP's temporal length (default 8); ignored by per-frame backbones.
+        device, dtype: where and in what the parameters are allocated (built there
+            directly; ``"meta"`` gives shapes only). dtype defaults to the current default.
+    """
+    dtype = dtype or torch.get_default_dtype()
+    if pretrained and checkpoint:
+        raise ValueError("give either model.pretrained (a tag) or model.checkpoint (a local file), not both")
+    source = _source(name)
+    if source == "registry":
+        entry = BACKBONES[name]
+        if pretrained:
+            what = "ViCLIP weights come from a local file" if entry.source == "viclip" else \
+                f"{name} is a vpeft test config with no pretrained weights"
+            raise ValueError(f"{what}: drop pretrained (--pretrained), use checkpoint (--checkpoint PATH) for a file")
+        model = entry.build(num_frames, device, dtype)
+        loader = entry.load
+    elif source == "open_clip":
+        if pretrained:
+            model = _open_clip_pretrained(name, str(pretrained), device, dtype)
+        else:
+            model = create_model(name, device=device, dtype=dtype)
+        loader = _open_clip_loader
+    else:
+        import timm
+        arch = name[5:] if name.startswith("timm:") else name
+        if pretrained:
+            try:
+                model = timm.create_model(arch, pretrained=True).to(device=device, dtype=dtype)
+            except Exception as e:  # noqa: BLE001 - any download failure
+                raise _download_failed(f"timm weights for {arch!r}", e) from e
+        else:
+            with construct_on(device, dtype):
+                model = timm.create_model(arch)
+
+        def loader(m, path):
+            from timm.models import load_checkpoint
+            return load_checkpoint(m, path)
+    if checkpoint:
+        if not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f"backbone weights file {checkpoint!r} (model.checkpoint / --checkpoint) "
+                                    "does not exist")
+        try:
+            if loader is None:
+                result = model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+            else:
+                result = loader(model, checkpoint)
+        except Exception as e:  # noqa: BLE001 - unreadable or mismatched: one line naming the file
+            from ..engine.checkpoint import backbone_load_error
+
+            raise backbone_load_error(checkpoint, model, e) from None
+        log.info("loaded backbone weights from %s (%s)", checkpoint, result)
+    return model.eval()

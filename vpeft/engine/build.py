@@ -10,6 +10,8 @@ import torch
 from torch.utils.checkpoint import checkpoint as _ckpt
 from torch.utils.data import DataLoader
 
+# the backbone table and its one builder live in vpeft.backbones.build (re-exported here)
+from ..backbones.build import TINY_BACKBONES, PretrainedUnavailable, create_backbone  # noqa: F401
 from ..data import EpochSampler, TestTransform, TrainTransform, VideoDataset, collate, read_class_names, read_list
 from ..data.transforms import resolve_interpolation
 from ..model import VideoModel, adapt
@@ -17,78 +19,6 @@ from .config import ConfigError, flip_label_map
 from .distributed import DistInfo
 
 log = logging.getLogger("vpeft")
-
-# Small open_clip CLIP configs for CPU runs (the demo and tests). Built with
-# ``open_clip.CLIP(**cfg)``; everything else goes to ``open_clip.create_model``.
-TINY_BACKBONES: Dict[str, Dict[str, Any]] = {
-    "vpeft-tiny": dict(
-        embed_dim=64,
-        vision_cfg=dict(layers=4, width=96, patch_size=8, image_size=32, head_width=32),
-        text_cfg=dict(context_length=16, vocab_size=1000, width=64, heads=2, layers=2),
-    ),
-}
-
-
-class PretrainedUnavailable(RuntimeError):
-    """An open_clip pretrained tag could not be fetched (usually: no network)."""
-
-
-def create_backbone(name: str, pretrained: Optional[str] = None, checkpoint: Optional[str] = None):
-    """An open_clip model by name with random weights, a pretrained tag, or a local weights file.
-
-    Args:
-        name: an open_clip model name (``ViT-B-16``, ``ViT-L-14``, ``EVA02-E-14``...) or
-            a key of :data:`TINY_BACKBONES`.
-        pretrained: an open_clip pretrained tag (downloads; fails offline with a
-            :class:`PretrainedUnavailable` that points to ``checkpoint``).
-        checkpoint: a local weights file loaded with ``open_clip.load_checkpoint``.
-    """
-    import open_clip
-
-    if pretrained and checkpoint:
-        raise ConfigError("give either model.pretrained (an open_clip tag) or model.checkpoint (a local file), not both")
-    if name in TINY_BACKBONES:
-        if pretrained:
-            raise ConfigError(f"{name} is a vpeft test config with no pretrained weights; drop --pretrained")
-        model = open_clip.CLIP(**TINY_BACKBONES[name])
-    else:
-        if name not in open_clip.list_models():
-            raise ConfigError(f"unknown backbone {name!r}: not an open_clip model name nor one of "
-                              f"{sorted(TINY_BACKBONES)} (see open_clip.list_models())")
-        if pretrained:
-            from open_clip import pretrained as oc_pretrained
-
-            pcfg = oc_pretrained.get_pretrained_cfg(name, pretrained)
-            if not pcfg:
-                tags = oc_pretrained.list_pretrained_tags_by_model(name)
-                raise ConfigError(f"open_clip has no pretrained tag {pretrained!r} for {name}; known tags: {tags}. "
-                                  "For your own weights file use --checkpoint PATH")
-            try:  # fetch first (fails fast offline), build second
-                oc_pretrained.download_pretrained(pcfg)
-                model = open_clip.create_model(name, pretrained=pretrained)
-            except Exception as e:  # noqa: BLE001 - any download failure
-                raise PretrainedUnavailable(
-                    f"could not download open_clip weights {name!r} pretrained={pretrained!r} "
-                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). This machine may have no "
-                    f"network access: download the weights elsewhere and pass the local file with --checkpoint PATH "
-                    f"(model.checkpoint=PATH) instead.") from e
-        else:
-            model = open_clip.create_model(name, pretrained=None)
-    if checkpoint:
-        if not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f"backbone weights file {checkpoint!r} (model.checkpoint / --checkpoint) "
-                                    "does not exist")
-        import open_clip as oc
-
-        try:
-            incompatible = oc.load_checkpoint(model, checkpoint)
-        except Exception as e:  # noqa: BLE001 - unreadable or mismatched: one line naming the file
-            from .checkpoint import backbone_load_error
-
-            raise backbone_load_error(checkpoint, model, e) from None
-        log.info("loaded backbone weights from %s (%s)", checkpoint, incompatible)
-    return model
-
 
 def _checkpoint_block(block: torch.nn.Module) -> None:
     """Recompute ``block``'s activations in the backward pass (instance-level patch; state dict unchanged)."""
@@ -106,8 +36,7 @@ def _checkpoint_block(block: torch.nn.Module) -> None:
 def build_model(cfg: Dict[str, Any], num_classes: int, device: torch.device) -> VideoModel:
     """The backbone adapted by ``model.method`` with a ``num_classes`` classifier, on ``device``."""
     m = cfg["model"]
-    from ..tasks.runner import build_backbone  # ViCLIP names and the text-capable tiny configs, else create_backbone
-    backbone = build_backbone(cfg)
+    backbone = create_backbone(m["backbone"], m["pretrained"], m["checkpoint"], num_frames=m["num_frames"])
     options = dict(m["options"])
     if cfg["train"]["activation_checkpointing"] and m["method"] == "side4video":
         options["checkpointing"] = True

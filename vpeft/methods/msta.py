@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import vpeft_kernels
 
-from ..backbones.towers import BlockOps
+from ..backbones.towers import BlockOps, around_prefix
 
 DEFAULT_LAST_BLOCKS = 5
 """The released runs adapt blocks 8..12 of 12: the last five blocks of each tower."""
@@ -75,16 +75,23 @@ class FusedMSTA(nn.Module):
         scale: ``s``. dropout: ``p`` on the bottleneck (active in training mode).
         layout: ``"bt"`` vision tokens ``(B*T, 1+N, D)`` (per-frame CLIP) or ``"nt"``
         ``(B, 1+N*T, D)`` with patches in ``(n t)`` order (ViCLIP).
+        num_prefix_tokens: ``P`` vision tokens before the patches (``"bt"``): 1 for a
+        [CLS], more with registers, 0 without [CLS]; prefix tokens get the spatial
+        branch only (as a [CLS] does), every patch token the full branch.
 
     Init: Kaiming normal (fan_out, relu) weights, zero biases.
     """
 
     def __init__(self, vision_width: int, text_width: Optional[int] = None, bottleneck: int = 128,
-                 num_frames: int = 8, scale: float = 0.005, dropout: float = 0.1, layout: str = "bt"):
+                 num_frames: int = 8, scale: float = 0.005, dropout: float = 0.1, layout: str = "bt",
+                 num_prefix_tokens: int = 1):
         super().__init__()
         if layout not in ("bt", "nt"):
             raise ValueError(f"layout must be 'bt' (per-frame tokens) or 'nt' (ViCLIP clip tokens), got {layout!r}")
+        if num_prefix_tokens < 0 or (layout == "nt" and num_prefix_tokens != 1):
+            raise ValueError(f"num_prefix_tokens={num_prefix_tokens} must be >= 0 (and 1 for layout 'nt')")
         self.layout = layout
+        self.num_prefix_tokens = int(num_prefix_tokens)
         if bottleneck < 1 or vision_width % bottleneck:
             raise ValueError(f"MSTA bottleneck r={bottleneck} must divide the vision width D={vision_width} "
                              "(the temporal up-projection has groups=r)")
@@ -120,10 +127,20 @@ class FusedMSTA(nn.Module):
 
     def vision(self, u: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         """Vision branch on normalised tokens ``u`` in this layer's ``layout``."""
-        return vpeft_kernels.msta_adapter(
-            u, self.vision_down.weight, self.vision_down.bias, self.shared.weight, self.shared.bias,
-            self.vision_up.weight, self.vision_up.bias, self.vision_tconv_weight, self.vision_tconv_bias,
-            scale=self.scale, num_frames=self.num_frames, dropout_p=self._p(), layout=self.layout, backend=backend)
+        common = (self.vision_down.weight, self.vision_down.bias, self.shared.weight, self.shared.bias,
+                  self.vision_up.weight, self.vision_up.bias)
+
+        def full(z):
+            return vpeft_kernels.msta_adapter(
+                z, *common, self.vision_tconv_weight, self.vision_tconv_bias, scale=self.scale,
+                num_frames=self.num_frames, dropout_p=self._p(), layout=self.layout, backend=backend)
+
+        def spatial(z):  # extra prefix tokens (registers): the branch a [CLS] gets, no temporal taps
+            return vpeft_kernels.msta_adapter(z, *common, scale=self.scale, dropout_p=self._p(), backend=backend)
+
+        if self.layout == "nt":
+            return full(u)
+        return around_prefix(u, self.num_prefix_tokens, full, spatial)
 
     def text(self, u: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         """Text branch on normalised tokens ``u`` ``(B, L, D_t)``."""

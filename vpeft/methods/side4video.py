@@ -4,6 +4,12 @@ The backbone runs without an autograd graph; the side network reads chosen layer
 token features through the ladder projection, keeps its own patch tokens (no
 [CLS]), mixes time with a depthwise temporal conv, and lets each frame's patches
 attend to a [CLS] token shifted in from the neighbouring frames.
+
+Backbones without a [CLS] token (SigLIP, PE-Core bigG, ViTamin): the shifted token is
+the backbone's own pooled feature of each frame at that level (its attention pool or
+patch mean), projected by the ladder like a [CLS] would be; register tokens are not
+read. This is vpeft's extension of the paper, which only uses CLIP/EVA [CLS] models
+(see :meth:`vpeft.backbones.towers.VisionTower.side_view`).
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import vpeft_kernels
 
-from ..backbones.towers import BlockOps
+from ..backbones.towers import BlockOps, around_prefix
 
 PRESETS = {"12x384": ("mlp",), "24x384": ("attn", "mlp")}
 """Adapter placements per block for each preset (both use bottleneck 384)."""
@@ -24,16 +24,23 @@ class STAdapter(nn.Module):
         layout: ``"bt"`` as above, or ``"nt"``: inputs ``(B, 1+N*T, D)`` with one [CLS]
         and patches in ``(n t)`` order (ViCLIP); the patches are regrouped per frame,
         adapted by the same op, and put back, the [CLS] unchanged.
+        num_prefix_tokens: ``P`` tokens before the patches (layout ``"bt"``): 1 for a
+        [CLS], more with register tokens, 0 for towers without [CLS] (SigLIP); every
+        prefix token passes unchanged and every patch token is adapted.
 
     Initialised as the identity: temporal taps, temporal bias and both linear biases
     are zero (the linear weights keep PyTorch's default init).
     """
 
-    def __init__(self, width: int, bottleneck: int = 384, num_frames: int = 8, layout: str = "bt"):
+    def __init__(self, width: int, bottleneck: int = 384, num_frames: int = 8, layout: str = "bt",
+                 num_prefix_tokens: int = 1):
         super().__init__()
         if layout not in ("bt", "nt"):
             raise ValueError(f"layout must be 'bt' (per-frame tokens) or 'nt' (ViCLIP clip tokens), got {layout!r}")
+        if num_prefix_tokens < 0 or (layout == "nt" and num_prefix_tokens != 1):
+            raise ValueError(f"num_prefix_tokens={num_prefix_tokens} must be >= 0 (and 1 for layout 'nt')")
         self.layout = layout
+        self.num_prefix_tokens = int(num_prefix_tokens)
         if width < 1 or bottleneck < 1:
             raise ValueError(f"width and bottleneck must be positive, got {width} and {bottleneck}")
         if num_frames < 1:
@@ -53,7 +60,7 @@ class STAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         if self.layout == "bt":
-            return self._op(x, backend)
+            return around_prefix(x, self.num_prefix_tokens, lambda y: self._op(y, backend))
         b, nt1, d = x.shape
         t = self.num_frames
         if (nt1 - 1) % t:

@@ -198,7 +198,7 @@ class RetrievalModel(nn.Module):
         side_width = video_model.side.pos.shape[1]
         p = next(video_model.backbone.parameters())
         released_retrieval_init_(video_model.side)
-        self.head = RetrievalHead(side_width, tower.width, video_model.num_frames).to(p.device, p.dtype)
+        self.head = RetrievalHead(side_width, tower.feature_dim, video_model.num_frames).to(p.device, p.dtype)
         self.matching = TokenWiseMatching(tower.embed_dim).to(p.device, p.dtype)
         self.train_text = bool(train_text)
         for q in self.backbone_parameters():
@@ -252,8 +252,10 @@ class RetrievalModel(nn.Module):
         ids = tuple(vm.side.layer_ids)
         with torch.no_grad():
             last, feats = vm._tokens(video.flatten(0, 1), keep=ids)
+            feats = [vm.tower.side_view(f) for f in feats]
+            pooled = vm.tower.pool_tokens(last).reshape(b, t, -1)   # per-frame [CLS] (or the model's pooling)
         side = vm.side(video.transpose(1, 2), feats)
-        return self.head(side, last[:, 0].reshape(b, t, -1), vm.tower)
+        return self.head(side, pooled, vm.tower)
 
     def text_embeddings(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Token ids -> per-token features ``(B, L, E)`` and mask."""

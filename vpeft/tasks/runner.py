@@ -33,7 +33,8 @@ import torch
 
 from ..data import VideoDataset, collate, read_class_names, read_list
 from ..data.lists import Sample
-from ..engine.build import create_backbone, dataset_from_samples, resolve_classes
+from ..backbones.build import create_backbone
+from ..engine.build import dataset_from_samples, resolve_classes
 from ..engine.config import ConfigError, dump
 from ..model import VideoModel, adapt
 from .consistency import ConsistencyLoss, load_descriptions
@@ -46,40 +47,11 @@ log = logging.getLogger("vpeft")
 
 TASKS = ("zero_shot", "few_shot", "base_to_novel", "retrieval")
 
-# Small video-language backbones for CPU runs: a ViCLIP and an open_clip CLIP whose text
-# towers take real BPE token ids (full vocabulary), both at 32 px.
-TINY_VIDEO_TEXT: Dict[str, Dict[str, Any]] = {
-    "viclip-tiny": dict(image_size=32, patch_size=8, vision_width=64, vision_layers=3, vision_heads=2,
-                        text_width=64, text_layers=3, text_heads=2, embed_dim=64),
-    "clip-tiny-text": dict(embed_dim=64, vision_cfg=dict(layers=4, width=96, patch_size=8, image_size=32,
-                                                         head_width=32),
-                           text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=2)),
-}
-
-
 def build_backbone(cfg: Dict[str, Any]) -> torch.nn.Module:
-    """ViCLIP (``ViCLIP-B-16``, ``ViCLIP-L-14``, ``viclip-tiny``; ``model.checkpoint`` in the
-    official layout), ``clip-tiny-text``, or any backbone issue 6's builder knows."""
-    from ..backbones.viclip import VICLIP_CONFIGS, create_viclip, load_viclip_checkpoint
-
+    """The run's backbone (``model.backbone``, ``model.pretrained``, ``model.checkpoint``) from the
+    one backbone table, :func:`vpeft.backbones.build.create_backbone` (ViCLIP names included)."""
     m = cfg["model"]
-    name = m["backbone"]
-    if name in VICLIP_CONFIGS or name == "viclip-tiny":
-        if m["pretrained"]:
-            raise ConfigError("ViCLIP weights come from a local file: set model.checkpoint, not model.pretrained")
-        kw = dict(TINY_VIDEO_TEXT["viclip-tiny"]) if name == "viclip-tiny" else {}
-        model = create_viclip(None if name == "viclip-tiny" else name, num_frames=m["num_frames"], **kw)
-        if m["checkpoint"]:
-            if not os.path.isfile(m["checkpoint"]):
-                raise FileNotFoundError(f"ViCLIP checkpoint {m['checkpoint']!r} (model.checkpoint) does not exist")
-            load_viclip_checkpoint(model, m["checkpoint"])
-        return model
-    if name == "clip-tiny-text":
-        import open_clip
-        if m["pretrained"] or m["checkpoint"]:
-            raise ConfigError("clip-tiny-text is a test config without weights")
-        return open_clip.CLIP(**TINY_VIDEO_TEXT[name])
-    return create_backbone(name, m["pretrained"], m["checkpoint"])
+    return create_backbone(m["backbone"], m["pretrained"], m["checkpoint"], num_frames=m["num_frames"])
 
 
 def _device(cfg) -> torch.device:
