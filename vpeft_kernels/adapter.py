@@ -123,13 +123,16 @@ def _taps_cfg():
     return dict(_TAPS_INTERP if INTERPRET else _TAPS_GPU)
 
 
-def _msta_cfg(r):
-    """Tiles of the MSTA bottleneck kernels: all of r in one program, BLOCK_M rows."""
+def _msta_cfg(r, dtype=torch.bfloat16, bwd=False):
+    """Tiles of the MSTA bottleneck kernels: all of r in one program, BLOCK_M rows
+    (64 at every r on the GPU, so the GEMMs stay on wgmma). The backward streams two
+    (rows, D) operands, so it takes shorter K steps from r = 64 on."""
     block_r = max(16, triton.next_power_of_2(r))
     if INTERPRET:
-        return dict(BLOCK_M=16, BLOCK_R=block_r, BLOCK_K=16, num_warps=4, num_stages=1)
-    return dict(BLOCK_M=64, BLOCK_R=block_r, BLOCK_K=64 if block_r <= 128 else 32,
-                num_warps=4 if block_r <= 64 else 8, num_stages=2)
+        return dict(BLOCK_M=16, BLOCK_R=block_r, BLOCK_K=16, BLOCK_C=16, num_warps=4, num_stages=1)
+    short = dtype == torch.float32 or block_r > 128 or (bwd and block_r >= 64)
+    return dict(BLOCK_M=64, BLOCK_R=block_r, BLOCK_K=32 if short else 64, BLOCK_C=min(block_r, 32),
+                num_warps=4 if block_r <= 32 else 8, num_stages=2)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -368,14 +371,38 @@ def _msta_up_taps_grad_kernel(dy_ptr, hd_ptr, part_ptr, M, D, R, TOK, T, GROUP,
 
 
 @triton.jit
+def _rows_at_shared(src_ptr, ws_ptr, rm, m_ok, rr, r_ok, R, TRANS: tl.constexpr, DOT_PREC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``src[rm, :] @ Ws^T`` (``TRANS``) or ``src[rm, :] @ Ws`` for the (M, R) matrix src
+    and the (R, R) shared weight, fp32, in BLOCK_C-wide steps of the contraction.
+
+    The rows of ``src`` were just written by this program (the caller puts a barrier
+    in between) and are re-read from L2 in slices: the whole (R, R) weight and a second
+    (rows, R) operand never sit in registers at once, which spilled at r >= 64 on sm_90.
+    """
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    rc = tl.arange(0, BLOCK_C)
+    for c0 in range(0, R, BLOCK_C):
+        kc = c0 + rc
+        c_ok = kc < R
+        a = tl.load(src_ptr + rm[:, None] * R + kc[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+        if TRANS:
+            w = tl.load(ws_ptr + rr[None, :] * R + kc[:, None], mask=c_ok[:, None] & r_ok[None, :], other=0.0)
+        else:
+            w = tl.load(ws_ptr + kc[:, None] * R + rr[None, :], mask=c_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
 def _msta_bottleneck_fwd_kernel(u_ptr, wd_ptr, bd_ptr, ws_ptr, bs_ptr, seed_ptr, hd_ptr, M, D, R, p_drop,
                                 HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
     """MSTA bottleneck ``hd = dropout(relu(relu(u @ Wd^T + bd) @ Ws^T + bs))``.
 
     ``u`` contiguous (M, D), ``Wd`` (R, D), ``Ws`` (R, R), ``hd`` (M, R). One program
-    owns BLOCK_M rows and the whole bottleneck width (BLOCK_R >= R), so the shared GEMM
-    runs on the on-chip tile. Dropout keeps element ``(m, c)`` when
+    owns BLOCK_M rows and the whole bottleneck width (BLOCK_R >= R); ``h1`` passes through
+    ``hd`` as scratch for the shared GEMM (:func:`_rows_at_shared`). Dropout keeps element ``(m, c)`` when
     ``tl.rand(seed, m*R + c) >= p`` and scales kept values by ``1/(1-p)``.
     Grid: ``(cdiv(M, BLOCK_M),)``.
     """
@@ -394,23 +421,27 @@ def _msta_bottleneck_fwd_kernel(u_ptr, wd_ptr, bd_ptr, ws_ptr, bs_ptr, seed_ptr,
         w = tl.load(wd_ptr + rr[None, :] * D + kk[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
     h1 = tl.maximum(acc + tl.load(bd_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)[None, :], 0.0)
-    ws_t = tl.load(ws_ptr + rr[None, :] * R + rr[:, None], mask=r_ok[:, None] & r_ok[None, :], other=0.0)
-    z2 = tl.dot(h1.to(hd_ptr.dtype.element_ty), ws_t, input_precision=DOT_PREC)
+    io = m_ok[:, None] & r_ok[None, :]
+    out = rm[:, None] * R + rr[None, :]
+    tl.store(hd_ptr + out, h1.to(hd_ptr.dtype.element_ty), mask=io)  # hd holds h1 for a moment
+    tl.debug_barrier()
+    z2 = _rows_at_shared(hd_ptr, ws_ptr, rm, m_ok, rr, r_ok, R, True, DOT_PREC, BLOCK_M, BLOCK_R, BLOCK_C)
+    tl.debug_barrier()  # every slice of h1 is read before hd is overwritten
     h2 = tl.maximum(z2 + tl.load(bs_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)[None, :], 0.0)
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
         offs = (rm[:, None] * R + rr[None, :]).to(tl.int32)
         keep = tl.rand(seed, offs) >= p_drop
         h2 = tl.where(keep, h2 / (1.0 - p_drop), 0.0)
-    tl.store(hd_ptr + rm[:, None] * R + rr[None, :], h2.to(hd_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & r_ok[None, :])
+    tl.store(hd_ptr + out, h2.to(hd_ptr.dtype.element_ty), mask=io)
 
 
 @triton.jit
 def _msta_bottleneck_bwd_kernel(u_ptr, dy_ptr, wd_ptr, bd_ptr, ws_ptr, bs_ptr, wu_ptr, wt_ptr, seed_ptr,
                                 hd_ptr, h1_ptr, dz2_ptr, dz1_ptr, part_ptr, M, D, R, TOK, T, GROUP, p_drop,
                                 HAS_DROPOUT: tl.constexpr, O_TAPS: tl.constexpr, DOT_PREC: tl.constexpr,
-                                BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                                BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                                BLOCK_C: tl.constexpr):
     """MSTA bottleneck backward with the forward bottleneck recomputed on chip.
 
     Inputs: ``u`` and ``dy = dA`` contiguous (M, D) (the gradient scaling has already
@@ -470,12 +501,11 @@ def _msta_bottleneck_bwd_kernel(u_ptr, dy_ptr, wd_ptr, bd_ptr, ws_ptr, bs_ptr, w
             group = tl.where((kk[:, None] // GROUP == rr[None, :]) & k_ok[:, None], 1.0, 0.0)
             acc2 = tl.dot(q, group.to(dy_ptr.dtype.element_ty), acc2, input_precision=DOT_PREC)
     h1 = tl.maximum(acc1 + tl.load(bd_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)[None, :], 0.0)
-    h1c = h1.to(hd_ptr.dtype.element_ty)
     io = m_ok[:, None] & r_ok[None, :]
     out = rm[:, None] * R + rr[None, :]
-    tl.store(h1_ptr + out, h1c, mask=io)
-    ws_t = tl.load(ws_ptr + rr[None, :] * R + rr[:, None], mask=r_ok[:, None] & r_ok[None, :], other=0.0)
-    z2 = tl.dot(h1c, ws_t, input_precision=DOT_PREC)
+    tl.store(h1_ptr + out, h1.to(h1_ptr.dtype.element_ty), mask=io)
+    tl.debug_barrier()
+    z2 = _rows_at_shared(h1_ptr, ws_ptr, rm, m_ok, rr, r_ok, R, True, DOT_PREC, BLOCK_M, BLOCK_R, BLOCK_C)
     h2 = tl.maximum(z2 + tl.load(bs_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)[None, :], 0.0)
     dh2 = acc2
     if HAS_DROPOUT:
@@ -486,12 +516,14 @@ def _msta_bottleneck_bwd_kernel(u_ptr, dy_ptr, wd_ptr, bd_ptr, ws_ptr, bs_ptr, w
         dh2 = tl.where(keep, dh2 / (1.0 - p_drop), 0.0)
     tl.store(hd_ptr + out, h2.to(hd_ptr.dtype.element_ty), mask=io)
     # h2 > 0 before dropout; a dropped element has no gradient either way
-    dz2c = tl.where(h2 > 0.0, dh2, 0.0).to(hd_ptr.dtype.element_ty)
+    dz2c = tl.where(h2 > 0.0, dh2, 0.0).to(dz2_ptr.dtype.element_ty)
     tl.store(dz2_ptr + out, dz2c, mask=io)
     tl.store(part + 2 * D + rr, tl.sum(dz2c.to(tl.float32), axis=0), mask=r_ok)
-    ws = tl.load(ws_ptr + rr[:, None] * R + rr[None, :], mask=r_ok[:, None] & r_ok[None, :], other=0.0)
-    dh1 = tl.dot(dz2c, ws, input_precision=DOT_PREC)
-    dz1c = tl.where(h1 > 0.0, dh1, 0.0).to(dz1_ptr.dtype.element_ty)
+    tl.debug_barrier()
+    dh1 = _rows_at_shared(dz2_ptr, ws_ptr, rm, m_ok, rr, r_ok, R, False, DOT_PREC, BLOCK_M, BLOCK_R, BLOCK_C)
+    # relu's gradient from the stored (rounded) h1, as eager autograd does
+    h1s = tl.load(h1_ptr + out, mask=io, other=0.0)
+    dz1c = tl.where(h1s > 0.0, dh1, 0.0).to(dz1_ptr.dtype.element_ty)
     tl.store(dz1_ptr + out, dz1c, mask=io)
     tl.store(part + 2 * D + R + rr, tl.sum(dz1c.to(tl.float32), axis=0), mask=r_ok)
 
@@ -636,7 +668,7 @@ def _msta_forward(u, w_down, b_down, w_shared, b_shared, w_up, b_up, w_tconv, b_
     u2 = u.view(-1, d)
     m = u2.shape[0]
     hd = torch.empty((m, r), device=u.device, dtype=u.dtype)
-    c = _msta_cfg(r)
+    c = _msta_cfg(r, u.dtype)
     with device_guard(u):
         _msta_bottleneck_fwd_kernel[(triton.cdiv(m, c["BLOCK_M"]),)](
             u2, w_down, b_down, w_shared, b_shared, seed, hd, m, d, r, float(dropout_p),
@@ -672,7 +704,7 @@ def _msta_backward(dy, u, w_down, b_down, w_shared, b_shared, w_up, w_tconv, see
     with device_guard(u):
         hd = torch.empty((m, r), device=dev, dtype=u.dtype)
         h1, dz2, dz1 = torch.empty_like(hd), torch.empty_like(hd), torch.empty_like(hd)
-        c = _msta_cfg(r)
+        c = _msta_cfg(r, u.dtype, bwd=True)
         tiles = triton.cdiv(m, c["BLOCK_M"])
         part = torch.empty((tiles, 2 * d + 2 * r), device=dev, dtype=torch.float32)
         _msta_bottleneck_bwd_kernel[(tiles,)](
@@ -755,14 +787,17 @@ def sm90_variants(dtypes=(torch.float32, torch.float16, torch.bfloat16)):
         # MSTA bottleneck kernels at every BLOCK_R up to the largest r this dtype takes
         block_rs = [16 << i for i in range(5) if 16 << i <= _MSTA_MAX_R[dtype]]
         for br in block_rs:
-            mc = _msta_cfg(br)
-            cfg = triton.Config({k: mc[k] for k in ("BLOCK_M", "BLOCK_R", "BLOCK_K")}, num_warps=mc["num_warps"],
-                                num_stages=mc["num_stages"])
             for drop in (False, True):
+                mc = _msta_cfg(br, dtype)
+                cfg = triton.Config({k: mc[k] for k in ("BLOCK_M", "BLOCK_R", "BLOCK_K", "BLOCK_C")},
+                                    num_warps=mc["num_warps"], num_stages=mc["num_stages"])
                 out += expand(f"_msta_bottleneck_fwd_kernel[{name},dropout={drop}]", _msta_bottleneck_fwd_kernel,
                               dict(u_ptr=p, wd_ptr=p, bd_ptr=p, ws_ptr=p, bs_ptr=p, seed_ptr=ptr(torch.int64),
                                    hd_ptr=p, M=i32, D=i32, R=i32, p_drop="fp32"),
                               dict(HAS_DROPOUT=drop, DOT_PREC=prec), [cfg], aligned=("u_ptr", "wd_ptr", "D"))
+                mc = _msta_cfg(br, dtype, bwd=True)
+                cfg = triton.Config({k: mc[k] for k in ("BLOCK_M", "BLOCK_R", "BLOCK_K", "BLOCK_C")},
+                                    num_warps=mc["num_warps"], num_stages=mc["num_stages"])
                 for taps in (False, True):
                     out += expand(f"_msta_bottleneck_bwd_kernel[{name},dropout={drop},o_taps={taps}]",
                                   _msta_bottleneck_bwd_kernel,
