@@ -181,21 +181,7 @@ def test_backward_saves_only_inputs():
 # ------------------------------------------------------------------------ dropout
 
 
-def _msta_eager_with_mask(u, w_down, b_down, w_shared, b_shared, w_up, b_up, w_tconv, b_tconv, *, mask, p,
-                          scale, num_frames):
-    """The reference math with a given keep mask in place of F.dropout."""
-    from vpeft_kernels.reference import grad_scale, temporal_taps
-    import torch.nn.functional as F
-    x = grad_scale(u, scale)
-    h = F.relu(F.linear(F.relu(F.linear(x, w_down, b_down)), w_shared, b_shared))
-    h = h * mask.view(*h.shape).to(h.dtype) / (1 - p)
-    a = F.linear(h, w_up, b_up)
-    bt, n1, d = u.shape
-    r = w_down.shape[0]
-    hp = h[:, 1:].repeat_interleave(d // r, dim=-1).reshape(bt // num_frames, num_frames, n1 - 1, d)
-    tt = temporal_taps(hp, w_tconv, b_tconv).reshape(bt, n1 - 1, d)
-    a = torch.cat([a[:, :1], a[:, 1:] + tt], dim=1)
-    return grad_scale(scale * a, 1.0 / scale)
+from vpeft_kernels.selftest import msta_reference_with_mask as _msta_eager_with_mask  # noqa: E402
 
 
 @needs_kernels

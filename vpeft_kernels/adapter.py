@@ -787,6 +787,12 @@ def sm90_variants(dtypes=(torch.float32, torch.float16, torch.bfloat16)):
         # MSTA bottleneck kernels at every BLOCK_R up to the largest r this dtype takes
         block_rs = [16 << i for i in range(5) if 16 << i <= _MSTA_MAX_R[dtype]]
         for br in block_rs:
+            if dtype == dtypes[0]:  # the keep-mask kernel (dropout_keep_mask) writes fp32 whatever the dtype
+                mc = _msta_cfg(br)
+                out += expand("_keep_mask_kernel", _keep_mask_kernel,
+                              dict(seed_ptr=ptr(torch.int64), out_ptr=f32, M=i32, R=i32, p_drop="fp32"), {},
+                              [triton.Config({"BLOCK_M": mc["BLOCK_M"], "BLOCK_R": mc["BLOCK_R"]}, num_warps=4,
+                                             num_stages=1)], aligned=("out_ptr",))
             for drop in (False, True):
                 mc = _msta_cfg(br, dtype)
                 cfg = triton.Config({k: mc[k] for k in ("BLOCK_M", "BLOCK_R", "BLOCK_K", "BLOCK_C")},
