@@ -26,8 +26,11 @@ cuda_only = pytest.mark.skipif(not CUDA, reason="bf16 needs a CUDA device: Trito
 
 # (B, T, N, D, r): the odd one from the issue, T=1 (centre tap only), r not a multiple
 # of 16 (masked bottleneck tiles), a batch of several clips
-SHAPES = [(1, 3, 7, 48, 16), (2, 2, 4, 32, 16), (1, 1, 5, 64, 32), (2, 4, 3, 48, 24)]
-SHAPE_IDS = ["B1T3N7D48r16", "B2T2N4D32r16", "B1T1N5D64r32", "B2T4N3D48r24"]
+# The last one is multi-tile in every launch under the interpreter config (16-row, 32-col
+# tiles): 60 rows = 4 row tiles, D=80 = 3 column tiles and 5 K steps, r=40 = 2 column
+# tiles of the down GEMM, and temporal neighbours (10 rows apart) in other row tiles.
+SHAPES = [(1, 3, 7, 48, 16), (2, 2, 4, 32, 16), (1, 1, 5, 64, 32), (2, 4, 3, 48, 24), (2, 3, 9, 80, 40)]
+SHAPE_IDS = ["B1T3N7D48r16", "B2T2N4D32r16", "B1T1N5D64r32", "B2T4N3D48r24", "B2T3N9D80r40-multitile"]
 
 
 def _rand(*shape, dtype=torch.float32, std=0.5):

@@ -28,9 +28,16 @@ Forward (MSTA), two launches:
      up-projection added in the epilogue (patch rows only): output channel ``o`` reads
      bottleneck channel ``o // (D/r)`` of rows ``m - (1+N), m, m + (1+N)``.
 Backward recomputes the bottleneck from the saved input (no (M, r) or (M, D)
-activation is saved; the saved tensors are the op's inputs), reduces weight gradients
-in fp32 (split over rows into fp32 partial buffers, summed on the host, so results are
-deterministic), and produces the input gradient with one more GEMM.
+activation is saved; the saved tensors are the op's inputs). Weight-matrix gradients
+are BLAS GEMMs with fp32 output (``torch.mm(..., out_dtype=torch.float32)`` on CUDA);
+bias and temporal-tap gradients are fp32 per-row-tile partial sums written by the
+kernels that already read those rows, summed on the host (deterministic, no atomics).
+Gradients autograd does not need (``ctx.needs_input_grad``) are not computed. The input
+gradient is one more GEMM.
+
+GEMM-shaped kernels run on a 1-D grid in GROUP_M tile order (:func:`_tile_ids`) and are
+autotuned on the GPU over Hopper tiles (one config under the interpreter); every config
+is compiled for sm_90 by :mod:`vpeft_kernels.sm90_check`, which fails on a spill.
 
 Limits
 ------
@@ -41,8 +48,9 @@ Limits
 * The dropout mask is indexed by ``m*r + c`` in 32 bits: past 2**32 elements per call
   the Philox stream repeats (the mask stays identical between forward and backward).
 * No double backward.
-* On the GPU nothing here has been timed or tuned yet: tile sizes are fixed, not
-  autotuned (the interpreter cannot autotune).
+* Nothing here has run on a GPU yet (`vpeft selftest` is the check to run on one).
+* fp32 dots use 3xTF32 on the GPU (``_triton_common.dot_precision``), IEEE fp32 in the
+  interpreter.
 """
 from __future__ import annotations
 

@@ -20,9 +20,10 @@ For the backward pass only flash-attention's set is saved: ``qkv`` (q, k, v), ``
 the logsumexp, and the per-frame ``kv_cls`` buffer, besides the op's inputs ``s``,
 ``c``, ``pos`` and the weights (``s`` stands in for the LayerNorm input eager autograd
 would keep). The LayerNorm of ``s + pos`` is recomputed in the backward pass instead
-of its input and output being stored. Two backward kernels give dQ (plus the extra
-token's dK/dV as per-query-block partial sums, reduced on the host without atomics,
-so the result is deterministic) and dK/dV of the patch keys; the extra token's
+of its input and output being stored. One backward kernel per (frame, head) gives dQ,
+dK/dV of the patch keys and the extra token's dK/dV (flash-attention 2's
+non-sequence-parallel scheme, five matmuls per block pair, no atomics, deterministic;
+no probabilities are saved or written); the extra token's
 gradient then flows through its projection and LayerNorm and back through the shift
 to the [CLS] channels of the neighbouring frames.
 
