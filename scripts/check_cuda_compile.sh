@@ -56,7 +56,7 @@ if not rows:
 filt = shutil.which("c++filt")
 for r in rows:
     pretty = subprocess.run([filt, r[0]], capture_output=True, text=True).stdout.strip() if filt else r[0]
-    pretty = re.sub(r"\(.*", "", pretty)
+    pretty = re.sub(r"\(.*", "", pretty.replace("(anonymous namespace)::", ""))
     print(f"check_cuda_compile: {r[1]} {pretty[:90]:<90} regs {r[2]:>3}  stack {r[3]:>4} B  "
           f"spill {r[4]}/{r[5]} B")
 bad = [r for r in rows if r[4] or r[5]]
