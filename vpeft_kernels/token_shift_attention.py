@@ -60,7 +60,8 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 # _prune_attention drops the ones that spill there.
 
 _FWD_GPU = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 3)]
-_BWD_GPU = [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (128, 64, 8, 2)]
+_BWD_GPU = [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (128, 64, 8, 2),
+            (32, 32, 8, 2)]
 
 
 def _configs(table):
@@ -69,8 +70,14 @@ def _configs(table):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for (m, n, w, st) in table]
 
 
-# (kernel, HEAD_DIM) -> configs (BLOCK_M, BLOCK_N, warps) that spill on sm_90 (from sm90_check)
-_SPILLS = {}
+# (kernel, HEAD_DIM) -> configs (BLOCK_M, BLOCK_N, warps) that spill on sm_90, found by
+# `python -m vpeft_kernels.sm90_check --dtypes bfloat16` (bf16; the same tiles serve fp16/fp32)
+_SPILLS = {
+    ("bwd", 16): {(32, 32, 4)},
+    ("bwd", 64): {(64, 32, 4)},
+    ("fwd", 128): {(128, 64, 4)},
+    ("bwd", 128): {(64, 64, 4), (64, 64, 8), (32, 64, 4), (64, 32, 4), (32, 32, 4), (128, 64, 8)},
+}
 
 
 def _prune_attention(kernel):
@@ -504,9 +511,11 @@ def sm90_variants(dtypes=(torch.float32, torch.float16, torch.bfloat16)):
             consts = dict(HEAD_DIM=hd, DOT_PRECISION=prec)
             out += expand(f"_tsa_fwd_kernel[{name},hd={hd}]", _tsa_fwd_kernel,
                           dict(QKV=p, KVC=p, O=p, LSE=f32, sm_scale="fp32", N=i32, H=i32), consts,
-                          _tsa_fwd_kernel.configs, aligned=("QKV", "KVC", "O", "LSE"))
+                          _prune_attention("fwd")(_tsa_fwd_kernel.configs, {}, HEAD_DIM=hd),
+                          aligned=("QKV", "KVC", "O", "LSE"))
             out += expand(f"_tsa_bwd_kernel[{name},hd={hd}]", _tsa_bwd_kernel,
                           dict(QKV=p, KVC=p, O=p, DO=p, LSE=f32, DQKV=p, DQ=f32, DELTA=f32, PART=f32, sm_scale="fp32",
                                N=i32, H=i32),
-                          consts, _tsa_bwd_kernel.configs, aligned=("QKV", "KVC", "O", "DO", "LSE", "DQKV", "DQ"))
+                          consts, _prune_attention("bwd")(_tsa_bwd_kernel.configs, {}, HEAD_DIM=hd),
+                          aligned=("QKV", "KVC", "O", "DO", "LSE", "DQKV", "DQ"))
     return out
