@@ -139,7 +139,8 @@ def _msta_cfg(r, dtype=torch.bfloat16, bwd=False):
     if INTERPRET:
         return dict(BLOCK_M=16, BLOCK_R=block_r, BLOCK_K=16, BLOCK_C=16, num_warps=4, num_stages=1)
     short = dtype == torch.float32 or block_r > 128 or (bwd and block_r >= 64)
-    return dict(BLOCK_M=64, BLOCK_R=block_r, BLOCK_K=32 if short else 64, BLOCK_C=min(block_r, 32),
+    block_k = 16 if dtype == torch.float32 and bwd else (32 if short else 64)  # 3xTF32 triples the operands
+    return dict(BLOCK_M=64, BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_C=min(block_r, 32),
                 num_warps=4 if block_r <= 32 else 8, num_stages=2)
 
 

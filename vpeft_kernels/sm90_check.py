@@ -47,6 +47,8 @@ KNOWN_SPILLS = (
     "_msta_bottleneck_bwd_kernel[bfloat16,dropout=False,o_taps=True][BLOCK_M=64,BLOCK_R=256",
     "_msta_bottleneck_bwd_kernel[bfloat16,dropout=True,o_taps=False][BLOCK_M=64,BLOCK_R=256",
     "_msta_bottleneck_bwd_kernel[bfloat16,dropout=True,o_taps=True][BLOCK_M=64,BLOCK_R=256",
+    # fp32 (3xTF32 triples the dot operands): the MSTA backward spills from r=32 on (20 B-1.2 KB)
+    "_msta_bottleneck_bwd_kernel[float32,",
 )
 
 
