@@ -122,7 +122,9 @@ def _extensions():
         cuda_sources = [f"{CSRC}/ladder_cuda_module.cpp", f"{CSRC}/ladder_flow.cpp", f"{CSRC}/ladder_cuda.cu"]
         exts.append(CUDAExtension(
             "vpeft_kernels._C_cuda", cuda_sources,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]}))
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"] + (
+                # ptxas's register / spill report per kernel (scripts/check_cuda_compile.sh)
+                ["-Xptxas", "-v"] if os.environ.get("VPEFT_PTXAS_VERBOSE") == "1" else [])}))
         _say(f"building the CUDA kernels with nvcc {nvcc} from {CUDA_HOME}")
     else:
         _say(f"building the CPU kernels only: {cuda_skip}")

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Compile and link the CUDA kernels of the ladder extension (csrc/*.cu) with this
 # machine's nvcc for one GPU architecture, then load the library, so that a CUDA source
-# error (or an undefined symbol) fails CI on a machine without a GPU. Nothing is
-# installed: the build goes to a temporary directory.
+# error (or an undefined symbol) fails CI on a machine without a GPU. ptxas reports
+# every kernel's registers, stack frame and spills (-Xptxas -v); any spill fails the
+# check. Nothing is installed: the build goes to a temporary directory.
 #
 #   PYTHON=.venv/bin/python scripts/check_cuda_compile.sh
 #
@@ -25,13 +26,44 @@ fi
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 start=$(date +%s)
-VPEFT_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="${VPEFT_CHECK_ARCH:-9.0}" MAX_JOBS="${MAX_JOBS:-2}" \
+VPEFT_PTXAS_VERBOSE=1 VPEFT_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="${VPEFT_CHECK_ARCH:-9.0}" MAX_JOBS="${MAX_JOBS:-2}" \
     "$PY" setup.py build_ext --build-temp "$tmp/temp" --build-lib "$tmp/lib" >"$tmp/build.log" 2>&1 || {
     grep -E "error|FAILED" "$tmp/build.log" | head -40 >&2 || true
     echo "check_cuda_compile: CUDA build FAILED (full log above the error lines was in $tmp/build.log)" >&2
     tail -40 "$tmp/build.log" >&2
     exit 1
 }
+# ptxas -v: one "Compiling entry function" / "Used N registers" / "spill" group per kernel
+"$PY" - "$tmp/build.log" <<'PYEOF'
+import re, shutil, subprocess, sys
+log = open(sys.argv[1], errors="replace").read()
+rows, name, spills = [], None, []
+for line in log.splitlines():
+    m = re.search(r"Compiling entry function '(\w+)' for '(sm_\w+)'", line)
+    if m:
+        name = m.group(1), m.group(2)
+        continue
+    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+    if m and name:
+        stack, st, ld = map(int, m.groups())
+        rows.append([name[0], name[1], None, stack, st, ld])
+        continue
+    m = re.search(r"Used (\d+) registers", line)
+    if m and rows and rows[-1][0] == name[0] and rows[-1][2] is None:
+        rows[-1][2] = int(m.group(1))
+if not rows:
+    sys.exit("check_cuda_compile: no ptxas -v report in the build log (was -Xptxas -v passed?)")
+filt = shutil.which("c++filt")
+for r in rows:
+    pretty = subprocess.run([filt, r[0]], capture_output=True, text=True).stdout.strip() if filt else r[0]
+    pretty = re.sub(r"\(.*", "", pretty.replace("(anonymous namespace)::", ""))
+    print(f"check_cuda_compile: {r[1]} {pretty[:90]:<90} regs {r[2]:>3}  stack {r[3]:>4} B  "
+          f"spill {r[4]}/{r[5]} B")
+bad = [r for r in rows if r[4] or r[5]]
+if bad:
+    sys.exit(f"check_cuda_compile: {len(bad)} CUDA kernels spill registers (see above)")
+print(f"check_cuda_compile: {len(rows)} CUDA kernels, no register spills")
+PYEOF
 # Load the CUDA library beside the installed CPU one (which defines the op schemas).
 "$PY" - "$tmp/lib/vpeft_kernels" <<'PYEOF'
 import glob, importlib.util, json, sys

@@ -231,6 +231,15 @@ def build_parser(full: bool = True) -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
 
+    # ---- vpeft selftest (issue 16): fused kernels vs eager on this machine's GPU
+    st = sub.add_parser("selftest", help="check the fused kernels' numbers and speed on this GPU "
+                        "(interpreter checks without one)")
+    st.add_argument("--json", help="write the results here (default $OUT/selftest.json or ./selftest.json)")
+    st.add_argument("--no-timing", action="store_true", help="numerics only")
+    st.set_defaults(func=lambda a: __import__("vpeft_kernels.selftest", fromlist=["run"]).run(a),
+                    interpreter_checks=False)
+    # ---- end selftest
+
     if full:
         from .plan import add_plan_parser
 

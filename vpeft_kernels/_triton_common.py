@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Iterable, List, Optional
 
@@ -66,3 +67,21 @@ def cuda_only(first: torch.Tensor, *args, **kwargs) -> List[str]:
         return [f"auto picks the Triton kernels only for CUDA tensors (on {first.device.type} they run through "
                 "the interpreter when backend='triton' is asked for)"]
     return []
+
+
+def device_guard(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it ``t``'s device for the launches."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of every ``tl.dot`` in vpeft's kernels for inputs of ``dtype``.
+
+    fp32 must not silently become tf32 (about 1e-3 off the fp32 reference): on the GPU
+    it is ``"tf32x3"`` (three tf32 products, close to fp32 accuracy, on the tensor cores;
+    ``"ieee"`` would be plain FMA and spills at every useful tile size on sm_90), in the
+    interpreter ``"ieee"`` (numpy fp32). fp16/bf16 ignore it.
+    """
+    if dtype == torch.float32:
+        return "ieee" if INTERPRET else "tf32x3"
+    return "tf32"

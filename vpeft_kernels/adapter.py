@@ -28,9 +28,16 @@ Forward (MSTA), two launches:
      up-projection added in the epilogue (patch rows only): output channel ``o`` reads
      bottleneck channel ``o // (D/r)`` of rows ``m - (1+N), m, m + (1+N)``.
 Backward recomputes the bottleneck from the saved input (no (M, r) or (M, D)
-activation is saved; the saved tensors are the op's inputs), reduces weight gradients
-in fp32 (split over rows into fp32 partial buffers, summed on the host, so results are
-deterministic), and produces the input gradient with one more GEMM.
+activation is saved; the saved tensors are the op's inputs). Weight-matrix gradients
+are BLAS GEMMs with fp32 output (``torch.mm(..., out_dtype=torch.float32)`` on CUDA);
+bias and temporal-tap gradients are fp32 per-row-tile partial sums written by the
+kernels that already read those rows, summed on the host (deterministic, no atomics).
+Gradients autograd does not need (``ctx.needs_input_grad``) are not computed. The input
+gradient is one more GEMM.
+
+GEMM-shaped kernels run on a 1-D grid in GROUP_M tile order (:func:`_tile_ids`) and are
+autotuned on the GPU over Hopper tiles (one config under the interpreter); every config
+is compiled for sm_90 by :mod:`vpeft_kernels.sm90_check`, which fails on a spill.
 
 Limits
 ------
@@ -41,8 +48,9 @@ Limits
 * The dropout mask is indexed by ``m*r + c`` in 32 bits: past 2**32 elements per call
   the Philox stream repeats (the mask stays identical between forward and backward).
 * No double backward.
-* On the GPU nothing here has been timed or tuned yet: tile sizes are fixed, not
-  autotuned (the interpreter cannot autotune).
+* Nothing here has run on a GPU yet (`vpeft selftest` is the check to run on one).
+* fp32 dots use 3xTF32 on the GPU (``_triton_common.dot_precision``), IEEE fp32 in the
+  interpreter.
 """
 from __future__ import annotations
 
@@ -53,7 +61,8 @@ import triton
 import triton.language as tl
 
 from . import _backend
-from ._triton_common import autocast_dtype, cast_inputs, common_reasons, cuda_only
+from ._triton_common import (INTERPRET, autocast_dtype, cast_inputs, common_reasons, cuda_only, device_guard,
+                             dot_precision)
 
 Tensor = torch.Tensor
 
@@ -63,28 +72,126 @@ Tensor = torch.Tensor
 _MSTA_MAX_R = {torch.float32: 128, torch.float16: 256, torch.bfloat16: 256}
 
 
+# ----------------------------------------------------------------------- GPU configs
+#
+# The GEMM-shaped kernels (_linear_kernel, _up_kernel) are autotuned on the GPU over
+# Hopper tiles; under the interpreter there is one small config (the interpreter cannot
+# time configs, and small tiles make tiny test shapes span several row and column tiles).
+# vpeft_kernels.sm90_check compiles every config below for sm_90 and fails on a spill.
+
+_GEMM_16 = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), fp16/bf16 (wgmma)
+    (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
+_GEMM_32 = [  # fp32 (3xTF32 products on the tensor cores): operands take twice the room
+    (64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3)]
+# The fused temporal epilogues hold extra (rows, cols) tiles: configs that spill with
+# them on sm_90 (vpeft_kernels.sm90_check) are replaced by these smaller ones.
+_A_TAPS_16 = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]
+_O_TAPS_16 = [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 32, 64, 4, 3)]
+_O_TAPS_32 = [(64, 64, 32, 4, 3), (64, 32, 32, 4, 3)]
+_GROUP_M = 8  # row tiles per group of the tile swizzle
+
+
+def _gemm_configs():
+    if INTERPRET:
+        return [triton.Config(dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2), num_warps=4, num_stages=1)]
+    tables = _GEMM_16 + _GEMM_32 + _A_TAPS_16 + _O_TAPS_16 + _O_TAPS_32
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=_GROUP_M), num_warps=w, num_stages=s)
+            for (m, n, k, w, s) in dict.fromkeys(tables)]
+
+
+def _cfg_key(c):
+    kw = c.kwargs
+    return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], c.num_warps, c.num_stages
+
+
+def _gemm_table(dtype, a_taps=False, o_taps=False):
+    """The GPU configs one call of _linear_kernel / _up_kernel may be tuned over."""
+    fp32 = dtype == torch.float32
+    if o_taps:
+        return _O_TAPS_32 if fp32 else _O_TAPS_16
+    if a_taps and not fp32:
+        return _A_TAPS_16
+    return _GEMM_32 if fp32 else _GEMM_16
+
+
+def _prune_gemm(configs, named_args, **kwargs):
+    """The configs meant for this call (the autotuner's ``early_config_prune``)."""
+    if INTERPRET:
+        return configs
+    table = set(_gemm_table(named_args["a_ptr"].dtype, kwargs.get("A_TAPS", False), kwargs.get("O_TAPS", False)))
+    return [c for c in configs if _cfg_key(c) in table]
+
+
+# The ST temporal-conv backward is elementwise over (M, r) with six live fp32 tiles.
+_TAPS_GPU = dict(BLOCK_M=32, BLOCK_R=64, num_warps=4)
+_TAPS_INTERP = dict(BLOCK_M=16, BLOCK_R=16, num_warps=4)
+
+
+def _taps_cfg():
+    return dict(_TAPS_INTERP if INTERPRET else _TAPS_GPU)
+
+
+def _msta_cfg(r, dtype=torch.bfloat16, bwd=False):
+    """Tiles of the MSTA bottleneck kernels: all of r in one program, BLOCK_M rows
+    (64 at every r on the GPU, so the GEMMs stay on wgmma). The backward streams two
+    (rows, D) operands, so it takes shorter K steps from r = 64 on."""
+    block_r = max(16, triton.next_power_of_2(r))
+    if INTERPRET:
+        return dict(BLOCK_M=16, BLOCK_R=block_r, BLOCK_K=16, BLOCK_C=16, num_warps=4, num_stages=1)
+    short = dtype == torch.float32 or block_r > 128 or (bwd and block_r >= 64)
+    block_k = 16 if dtype == torch.float32 and bwd else (32 if short else 64)  # 3xTF32 triples the operands
+    return dict(BLOCK_M=64, BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_C=min(block_r, 32),
+                num_warps=4 if block_r <= 32 else 8, num_stages=2)
+
+
 # --------------------------------------------------------------------------- kernels
 
 
 @triton.jit
-def _linear_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, M, K, N, TOK, stride_wn, stride_wk,
-                   HAS_BIAS: tl.constexpr, ZERO_CLS: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr):
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of this program on a 1-D grid, in GROUP_M-row groups.
+
+    Consecutive programs walk the column tiles of GROUP_M row tiles before moving on, so
+    a row tile of the input and a column tile of the weight are reused from L2 by the
+    programs that run at the same time instead of being streamed from HBM again (the
+    Triton matmul tutorial's grouped ordering).
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
+    return pid_m.to(tl.int64), pid_n.to(tl.int64)
+
+
+@triton.autotune(configs=_gemm_configs(), key=["N", "K", "ZERO_CLS", "COLSUM"],
+                 prune_configs_by={"early_config_prune": _prune_gemm})
+@triton.jit
+def _linear_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, colsum_ptr, M, K, N, TOK, stride_wn, stride_wk,
+                   HAS_BIAS: tl.constexpr, ZERO_CLS: tl.constexpr, COLSUM: tl.constexpr,
+                   DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """``out[m, n] = sum_k a[m, k] * W[n, k] + bias[n]``, fp32 accumulation.
 
     ``a`` is a contiguous (M, K) matrix, ``out`` a contiguous (M, N) matrix in its own
     dtype; ``W[n, k]`` is read at ``w_ptr + n*stride_wn + k*stride_wk`` (so the same
     kernel computes ``x @ Wd^T`` with Wd (N, K) and ``dy @ Wu`` with Wu (K, N)).
-    ``ZERO_CLS`` writes zeros on [CLS] rows (``m % TOK == 0``).
-    Grid: ``(cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))``.
+    ``ZERO_CLS`` writes zeros on [CLS] rows (``m % TOK == 0``). ``COLSUM``: the programs
+    of the first column tile also write the fp32 column sums of the ``a`` rows they read
+    (patch rows only with ``ZERO_CLS``) to ``colsum[row tile, k]`` -- a bias gradient
+    folded into the pass that reads those rows anyway.
+    Grid: ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)``, tile order from :func:`_tile_ids`.
     """
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
     n_ok = rn < N
+    patch = m_ok & (rm % TOK != 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
@@ -93,20 +200,27 @@ def _linear_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, M, K, N, TOK, stride_wn, str
         w = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
+        if COLSUM:
+            if pid_n == 0:
+                keep = patch if ZERO_CLS else m_ok
+                s = tl.sum(tl.where(keep[:, None], a.to(tl.float32), 0.0), axis=0)
+                tl.store(colsum_ptr + pid_m * K + kk, s, mask=k_ok)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if ZERO_CLS:
-        acc = tl.where((rm % TOK != 0)[:, None], acc, 0.0)
+        acc = tl.where(patch[:, None], acc, 0.0)
     tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.autotune(configs=_gemm_configs(), key=["N", "K", "HAS_RES", "A_TAPS", "O_TAPS"],
+                 prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
 def _up_kernel(a_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, ataps_ptr, atbias_ptr, otaps_ptr, otbias_ptr,
                M, K, N, TOK, T, GROUP, scale, stride_wn, stride_wk,
                HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, A_TAPS: tl.constexpr, O_TAPS: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               DOT_PREC: tl.constexpr):
+               DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               GROUP_M: tl.constexpr):
     """Up-projection with the temporal mix fused: ``out = res + scale * branch``.
 
     ``a`` is the contiguous (M, K) bottleneck, ``W[n, k]`` at ``n*stride_wn + k*stride_wk``,
@@ -119,11 +233,10 @@ def _up_kernel(a_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, ataps_ptr, atbias_ptr, 
       (zero-padded ends; ``wa`` is (K, 3)), and ``branch = 0`` on [CLS] rows.
     * ``O_TAPS`` (MSTA vision): on patch rows ``branch[m, n] += wo[n,0] a[prev, c] +
       wo[n,1] a[m, c] + wo[n,2] a[next, c] + bo[n]`` with ``c = n // GROUP`` (``wo`` (N, 3)).
-    Grid: ``(cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))``.
+    Grid: ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)``, tile order from :func:`_tile_ids`.
     """
     scale = tl.cast(scale, tl.float32)
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -133,21 +246,25 @@ def _up_kernel(a_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, ataps_ptr, atbias_ptr, 
     patch = m_ok & (rm % TOK != 0)
     has_prev = patch & (t > 0)
     has_next = patch & (t < T - 1)
+    local = tl.arange(0, BLOCK_M)
+    a_tile = a_ptr + pid_m * BLOCK_M * K  # 64-bit base of this row tile in the bottleneck
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         k_ok = kk < K
         a = tl.load(a_ptr + rm[:, None] * K + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if A_TAPS:
-            ap = tl.load(a_ptr + (rm - TOK)[:, None] * K + kk[None, :],
-                         mask=has_prev[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            an = tl.load(a_ptr + (rm + TOK)[:, None] * K + kk[None, :],
-                         mask=has_next[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
             w0 = tl.load(ataps_ptr + kk * 3 + 0, mask=k_ok, other=0.0).to(tl.float32)
             w1 = tl.load(ataps_ptr + kk * 3 + 1, mask=k_ok, other=0.0).to(tl.float32)
             w2 = tl.load(ataps_ptr + kk * 3 + 2, mask=k_ok, other=0.0).to(tl.float32)
             bt = tl.load(atbias_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-            mixed = ap * w0[None, :] + a.to(tl.float32) * w1[None, :] + an * w2[None, :] + bt[None, :]
+            mixed = a.to(tl.float32) * w1[None, :] + bt[None, :]
+            # neighbour rows: 32-bit offsets from this tile's first row (fewer registers)
+            nb = a_tile + k0 + (local[:, None] * K + rk[None, :])
+            ap = tl.load(nb - TOK * K, mask=has_prev[:, None] & k_ok[None, :], other=0.0)
+            mixed += ap.to(tl.float32) * w0[None, :]
+            an = tl.load(nb + TOK * K, mask=has_next[:, None] & k_ok[None, :], other=0.0)
+            mixed += an.to(tl.float32) * w2[None, :]
             a = tl.where(patch[:, None] & k_ok[None, :], mixed, 0.0).to(a_ptr.dtype.element_ty)
         w = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
@@ -155,19 +272,20 @@ def _up_kernel(a_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, ataps_ptr, atbias_ptr, 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if O_TAPS:
+        # one neighbour tile at a time, so at most two (rows, cols) fp32 tiles are live
         c = rn // GROUP
-        hp = tl.load(a_ptr + (rm - TOK)[:, None] * K + c[None, :], mask=has_prev[:, None] & n_ok[None, :],
-                     other=0.0).to(tl.float32)
-        hc = tl.load(a_ptr + rm[:, None] * K + c[None, :], mask=patch[:, None] & n_ok[None, :],
-                     other=0.0).to(tl.float32)
-        hn = tl.load(a_ptr + (rm + TOK)[:, None] * K + c[None, :], mask=has_next[:, None] & n_ok[None, :],
-                     other=0.0).to(tl.float32)
-        o0 = tl.load(otaps_ptr + rn * 3 + 0, mask=n_ok, other=0.0).to(tl.float32)
-        o1 = tl.load(otaps_ptr + rn * 3 + 1, mask=n_ok, other=0.0).to(tl.float32)
-        o2 = tl.load(otaps_ptr + rn * 3 + 2, mask=n_ok, other=0.0).to(tl.float32)
         ob = tl.load(otbias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-        tmix = hp * o0[None, :] + hc * o1[None, :] + hn * o2[None, :] + ob[None, :]
-        acc += tl.where(patch[:, None], tmix, 0.0)
+        acc += tl.where(patch[:, None], ob[None, :], 0.0)
+        o1 = tl.load(otaps_ptr + rn * 3 + 1, mask=n_ok, other=0.0).to(tl.float32)
+        gather = a_tile + (local[:, None] * K + c.to(tl.int32)[None, :])
+        hc = tl.load(gather, mask=patch[:, None] & n_ok[None, :], other=0.0)
+        acc += hc.to(tl.float32) * o1[None, :]
+        o0 = tl.load(otaps_ptr + rn * 3 + 0, mask=n_ok, other=0.0).to(tl.float32)
+        hp = tl.load(gather - TOK * K, mask=has_prev[:, None] & n_ok[None, :], other=0.0)
+        acc += hp.to(tl.float32) * o0[None, :]
+        o2 = tl.load(otaps_ptr + rn * 3 + 2, mask=n_ok, other=0.0).to(tl.float32)
+        hn = tl.load(gather + TOK * K, mask=has_next[:, None] & n_ok[None, :], other=0.0)
+        acc += hn.to(tl.float32) * o2[None, :]
     if A_TAPS:
         acc = tl.where(patch[:, None], acc, 0.0)
     acc = acc * scale
@@ -187,7 +305,8 @@ def _st_taps_bwd_kernel(h_ptr, dg_ptr, taps_ptr, tbias_ptr, g_ptr, dh_ptr, part_
     ``g = taps_t(h)`` (zero on [CLS] rows, input of ``dWu = dy^T g``),
     ``dh[m] = w0 dg[next] + w1 dg[m] + w2 dg[prev]`` (the transposed correlation), and
     fp32 partial sums over this program's rows into ``part[pid_m, j, :]``:
-    ``j=0..2: sum_m dg[m] * h[prev/m/next]`` (tap grads), ``j=3: sum_m dg[m]`` (bias).
+    ``j=0..2: sum_m dg[m] * h[prev/m/next]`` (tap grads), ``j=3: sum_m dg[m]`` (tap
+    bias), ``j=4: sum_m dh[m]`` (down-projection bias).
     Grid: ``(cdiv(M, BLOCK_M), cdiv(R, BLOCK_R))``.
     """
     pid_m = tl.program_id(0).to(tl.int64)
@@ -202,103 +321,97 @@ def _st_taps_bwd_kernel(h_ptr, dg_ptr, taps_ptr, tbias_ptr, g_ptr, dh_ptr, part_
     next_ok = (patch & (t < T - 1))[:, None] & r_ok[None, :]
     cur_ok = patch[:, None] & r_ok[None, :]
     cur = rm[:, None] * R + rr[None, :]
-    h = tl.load(h_ptr + cur, mask=cur_ok, other=0.0).to(tl.float32)
-    hp = tl.load(h_ptr + cur - TOK * R, mask=prev_ok, other=0.0).to(tl.float32)
-    hn = tl.load(h_ptr + cur + TOK * R, mask=next_ok, other=0.0).to(tl.float32)
-    dg = tl.load(dg_ptr + cur, mask=cur_ok, other=0.0).to(tl.float32)
-    dgp = tl.load(dg_ptr + cur - TOK * R, mask=prev_ok, other=0.0).to(tl.float32)
-    dgn = tl.load(dg_ptr + cur + TOK * R, mask=next_ok, other=0.0).to(tl.float32)
     w0 = tl.load(taps_ptr + rr * 3 + 0, mask=r_ok, other=0.0).to(tl.float32)[None, :]
     w1 = tl.load(taps_ptr + rr * 3 + 1, mask=r_ok, other=0.0).to(tl.float32)[None, :]
     w2 = tl.load(taps_ptr + rr * 3 + 2, mask=r_ok, other=0.0).to(tl.float32)[None, :]
     b = tl.load(tbias_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)[None, :]
-    g = tl.where(cur_ok, w0 * hp + w1 * h + w2 * hn + b, 0.0)
-    dh = tl.where(cur_ok, w0 * dgn + w1 * dg + w2 * dgp, 0.0)
-    io_mask = m_ok[:, None] & r_ok[None, :]
-    tl.store(g_ptr + cur, g.to(g_ptr.dtype.element_ty), mask=io_mask)
-    tl.store(dh_ptr + cur, dh.to(dh_ptr.dtype.element_ty), mask=io_mask)
-    base = part_ptr + pid_m * 4 * R + rr
-    tl.store(base + 0 * R, tl.sum(dg * hp, axis=0), mask=r_ok)
-    tl.store(base + 1 * R, tl.sum(dg * h, axis=0), mask=r_ok)
-    tl.store(base + 2 * R, tl.sum(dg * hn, axis=0), mask=r_ok)
+    dg = tl.load(dg_ptr + cur, mask=cur_ok, other=0.0).to(tl.float32)
+    base = part_ptr + pid_m * 5 * R + rr
     tl.store(base + 3 * R, tl.sum(dg, axis=0), mask=r_ok)
+    h = tl.load(h_ptr + cur, mask=cur_ok, other=0.0).to(tl.float32)
+    tl.store(base + 1 * R, tl.sum(dg * h, axis=0), mask=r_ok)
+    g = w1 * h + b
+    hp = tl.load(h_ptr + cur - TOK * R, mask=prev_ok, other=0.0).to(tl.float32)
+    tl.store(base + 0 * R, tl.sum(dg * hp, axis=0), mask=r_ok)
+    g += w0 * hp
+    hn = tl.load(h_ptr + cur + TOK * R, mask=next_ok, other=0.0).to(tl.float32)
+    tl.store(base + 2 * R, tl.sum(dg * hn, axis=0), mask=r_ok)
+    g += w2 * hn
+    io_mask = m_ok[:, None] & r_ok[None, :]
+    tl.store(g_ptr + cur, tl.where(cur_ok, g, 0.0).to(g_ptr.dtype.element_ty), mask=io_mask)
+    dh = w1 * dg
+    dh += w0 * tl.load(dg_ptr + cur + TOK * R, mask=next_ok, other=0.0).to(tl.float32)
+    dh += w2 * tl.load(dg_ptr + cur - TOK * R, mask=prev_ok, other=0.0).to(tl.float32)
+    dh = tl.where(cur_ok, dh, 0.0)
+    dhc = dh.to(dh_ptr.dtype.element_ty)
+    tl.store(dh_ptr + cur, dhc, mask=io_mask)
+    tl.store(base + 4 * R, tl.sum(dhc.to(tl.float32), axis=0), mask=r_ok)
 
 
 @triton.jit
-def _wgrad_kernel(a_ptr, b_ptr, out_ptr, vec_ptr, M, P, Q, TOK, T, GROUP, ROWS_PER_SPLIT,
-                  BIAS_ROWS: tl.constexpr, O_TAPS: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Weight-gradient reduction over rows, fp32, split over row ranges.
+def _msta_up_taps_grad_kernel(dy_ptr, hd_ptr, part_ptr, M, D, R, TOK, T, GROUP,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Weight gradient of MSTA's grouped temporal up-projection, partial over row tiles.
 
-    ``out[s, p, q] = sum_{m in split s} a[m, p] * b[m, q]`` for contiguous ``a`` (M, P)
-    and ``b`` (M, Q), i.e. one split's share of ``a^T @ b``. Programs with
-    ``pid_q == 0`` also write per-split vectors ``vec[s, j, p]``:
-    ``j=0``: ``sum_m a[m, p]`` over all rows (``BIAS_ROWS == 1``) or patch rows only
-    (``BIAS_ROWS == 2``); with ``O_TAPS`` (MSTA grouped temporal up-projection, ``a = dy``,
-    ``b = hd``, ``c = p // GROUP``) ``j=1..3``: ``sum_{patch m} a[m, p] * b[prev/m/next, c]``
-    and ``j=4``: ``sum_{patch m} a[m, p]``.
-    Grid: ``(cdiv(P, BLOCK_P), cdiv(Q, BLOCK_Q), splits)``.
+    ``part[pid_m, j, o] = sum_{patch m in tile} dy[m, o] * hd[m -TOK / m / m+TOK, o // GROUP]``
+    for ``j = 0, 1, 2`` (zero-padded ends); ``dy`` (M, D), ``hd`` (M, R) contiguous.
+    Grid: ``(cdiv(M, BLOCK_M), cdiv(D, BLOCK_N))``.
     """
-    pid_p = tl.program_id(0).to(tl.int64)
-    pid_q = tl.program_id(1).to(tl.int64)
-    pid_s = tl.program_id(2).to(tl.int64)
-    rp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    rq = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    p_ok = rp < P
-    q_ok = rq < Q
-    c = rp // GROUP
-    start = pid_s * ROWS_PER_SPLIT
-    end = tl.minimum(start + ROWS_PER_SPLIT, M)
-    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-    vb = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    v0 = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    v1 = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    v2 = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    vt = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    for m0 in range(start, end, BLOCK_M):
-        rm = m0 + tl.arange(0, BLOCK_M)
-        m_ok = rm < end
-        a = tl.load(a_ptr + rm[:, None] * P + rp[None, :], mask=m_ok[:, None] & p_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + rm[:, None] * Q + rq[None, :], mask=m_ok[:, None] & q_ok[None, :], other=0.0)
-        acc = tl.dot(tl.trans(a), b, acc, input_precision=DOT_PREC)
-        if pid_q == 0:
-            af = a.to(tl.float32)
-            patch = m_ok & (rm % TOK != 0)
-            if BIAS_ROWS == 1:
-                vb += tl.sum(af, axis=0)
-            if BIAS_ROWS == 2:
-                vb += tl.sum(tl.where(patch[:, None], af, 0.0), axis=0)
-            if O_TAPS:
-                t = (rm // TOK) % T
-                pm = (patch & (t > 0))[:, None] & p_ok[None, :]
-                nm = (patch & (t < T - 1))[:, None] & p_ok[None, :]
-                cm = patch[:, None] & p_ok[None, :]
-                bp = tl.load(b_ptr + (rm - TOK)[:, None] * Q + c[None, :], mask=pm, other=0.0).to(tl.float32)
-                bc = tl.load(b_ptr + rm[:, None] * Q + c[None, :], mask=cm, other=0.0).to(tl.float32)
-                bn = tl.load(b_ptr + (rm + TOK)[:, None] * Q + c[None, :], mask=nm, other=0.0).to(tl.float32)
-                v0 += tl.sum(af * bp, axis=0)
-                v1 += tl.sum(af * bc, axis=0)
-                v2 += tl.sum(af * bn, axis=0)
-                vt += tl.sum(tl.where(cm, af, 0.0), axis=0)
-    tl.store(out_ptr + pid_s * P * Q + rp[:, None] * Q + rq[None, :], acc, mask=p_ok[:, None] & q_ok[None, :])
-    if pid_q == 0:
-        base = vec_ptr + pid_s * 5 * P + rp
-        tl.store(base + 0 * P, vb, mask=p_ok)
-        tl.store(base + 1 * P, v0, mask=p_ok)
-        tl.store(base + 2 * P, v1, mask=p_ok)
-        tl.store(base + 3 * P, v2, mask=p_ok)
-        tl.store(base + 4 * P, vt, mask=p_ok)
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < D
+    t = (rm // TOK) % T
+    patch = m_ok & (rm % TOK != 0)
+    c = rn // GROUP
+    cur_ok = patch[:, None] & n_ok[None, :]
+    g = tl.load(dy_ptr + rm[:, None] * D + rn[None, :], mask=cur_ok, other=0.0).to(tl.float32)
+    base = part_ptr + pid_m * 3 * D + rn
+    hc = tl.load(hd_ptr + rm[:, None] * R + c[None, :], mask=cur_ok, other=0.0).to(tl.float32)
+    tl.store(base + 1 * D, tl.sum(g * hc, axis=0), mask=n_ok)
+    hp = tl.load(hd_ptr + (rm - TOK)[:, None] * R + c[None, :], mask=(patch & (t > 0))[:, None] & n_ok[None, :],
+                 other=0.0).to(tl.float32)
+    tl.store(base + 0 * D, tl.sum(g * hp, axis=0), mask=n_ok)
+    hn = tl.load(hd_ptr + (rm + TOK)[:, None] * R + c[None, :],
+                 mask=(patch & (t < T - 1))[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+    tl.store(base + 2 * D, tl.sum(g * hn, axis=0), mask=n_ok)
+
+
+@triton.jit
+def _rows_at_shared(src_ptr, ws_ptr, rm, m_ok, rr, r_ok, R, TRANS: tl.constexpr, DOT_PREC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``src[rm, :] @ Ws^T`` (``TRANS``) or ``src[rm, :] @ Ws`` for the (M, R) matrix src
+    and the (R, R) shared weight, fp32, in BLOCK_C-wide steps of the contraction.
+
+    The rows of ``src`` were just written by this program (the caller puts a barrier
+    in between) and are re-read from L2 in slices: the whole (R, R) weight and a second
+    (rows, R) operand never sit in registers at once, which spilled at r >= 64 on sm_90.
+    """
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    rc = tl.arange(0, BLOCK_C)
+    for c0 in range(0, R, BLOCK_C):
+        kc = c0 + rc
+        c_ok = kc < R
+        a = tl.load(src_ptr + rm[:, None] * R + kc[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+        if TRANS:
+            w = tl.load(ws_ptr + rr[None, :] * R + kc[:, None], mask=c_ok[:, None] & r_ok[None, :], other=0.0)
+        else:
+            w = tl.load(ws_ptr + kc[:, None] * R + rr[None, :], mask=c_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
+    return acc
 
 
 @triton.jit
 def _msta_bottleneck_fwd_kernel(u_ptr, wd_ptr, bd_ptr, ws_ptr, bs_ptr, seed_ptr, hd_ptr, M, D, R, p_drop,
-                                HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                                BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr):
+                                HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
     """MSTA bottleneck ``hd = dropout(relu(relu(u @ Wd^T + bd) @ Ws^T + bs))``.
 
     ``u`` contiguous (M, D), ``Wd`` (R, D), ``Ws`` (R, R), ``hd`` (M, R). One program
-    owns BLOCK_M rows and the whole bottleneck width (BLOCK_R >= R), so the shared GEMM
-    runs on the on-chip tile. Dropout keeps element ``(m, c)`` when
+    owns BLOCK_M rows and the whole bottleneck width (BLOCK_R >= R); ``h1`` passes through
+    ``hd`` as scratch for the shared GEMM (:func:`_rows_at_shared`). Dropout keeps element ``(m, c)`` when
     ``tl.rand(seed, m*R + c) >= p`` and scales kept values by ``1/(1-p)``.
     Grid: ``(cdiv(M, BLOCK_M),)``.
     """
@@ -317,24 +430,27 @@ def _msta_bottleneck_fwd_kernel(u_ptr, wd_ptr, bd_ptr, ws_ptr, bs_ptr, seed_ptr,
         w = tl.load(wd_ptr + rr[None, :] * D + kk[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
     h1 = tl.maximum(acc + tl.load(bd_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)[None, :], 0.0)
-    ws_t = tl.load(ws_ptr + rr[None, :] * R + rr[:, None], mask=r_ok[:, None] & r_ok[None, :], other=0.0)
-    z2 = tl.dot(h1.to(hd_ptr.dtype.element_ty), ws_t, input_precision=DOT_PREC)
+    io = m_ok[:, None] & r_ok[None, :]
+    out = rm[:, None] * R + rr[None, :]
+    tl.store(hd_ptr + out, h1.to(hd_ptr.dtype.element_ty), mask=io)  # hd holds h1 for a moment
+    tl.debug_barrier()
+    z2 = _rows_at_shared(hd_ptr, ws_ptr, rm, m_ok, rr, r_ok, R, True, DOT_PREC, BLOCK_M, BLOCK_R, BLOCK_C)
+    tl.debug_barrier()  # every slice of h1 is read before hd is overwritten
     h2 = tl.maximum(z2 + tl.load(bs_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)[None, :], 0.0)
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
         offs = (rm[:, None] * R + rr[None, :]).to(tl.int32)
         keep = tl.rand(seed, offs) >= p_drop
         h2 = tl.where(keep, h2 / (1.0 - p_drop), 0.0)
-    tl.store(hd_ptr + rm[:, None] * R + rr[None, :], h2.to(hd_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & r_ok[None, :])
+    tl.store(hd_ptr + out, h2.to(hd_ptr.dtype.element_ty), mask=io)
 
 
 @triton.jit
 def _msta_bottleneck_bwd_kernel(u_ptr, dy_ptr, wd_ptr, bd_ptr, ws_ptr, bs_ptr, wu_ptr, wt_ptr, seed_ptr,
-                                hd_ptr, h1_ptr, dz2_ptr, dz1_ptr, M, D, R, TOK, T, GROUP, p_drop,
-                                HAS_DROPOUT: tl.constexpr, O_TAPS: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
-                                TAPS_PREC: tl.constexpr):
+                                hd_ptr, h1_ptr, dz2_ptr, dz1_ptr, part_ptr, M, D, R, TOK, T, GROUP, p_drop,
+                                HAS_DROPOUT: tl.constexpr, O_TAPS: tl.constexpr, DOT_PREC: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                                BLOCK_C: tl.constexpr):
     """MSTA bottleneck backward with the forward bottleneck recomputed on chip.
 
     Inputs: ``u`` and ``dy = dA`` contiguous (M, D) (the gradient scaling has already
@@ -342,11 +458,15 @@ def _msta_bottleneck_bwd_kernel(u_ptr, dy_ptr, wd_ptr, bd_ptr, ws_ptr, bs_ptr, w
     ``w_tconv`` (D, 3). One loop over D accumulates both ``u @ Wd^T`` and
     ``dhd = dA @ Wu + up_t^T(dA)``, where with ``O_TAPS`` on patch rows
     ``up_t^T(dA)[m, c] = sum_{o: o // GROUP == c} wt[o,0] dA[next, o] + wt[o,1] dA[m, o] +
-    wt[o,2] dA[prev, o]`` (the group sum is a dot with a 0/1 matrix). Then
+    wt[o,2] dA[prev, o]`` (the group sum is a dot with a 0/1 matrix, in the input dtype). Then
     ``h1 = relu(.)``, ``h2 = relu(h1 Ws^T + bs)``, the dropout mask from the same seed
     as forward, ``dz2 = dhd * keep/(1-p) * [h2 > 0]``, ``dz1 = (dz2 @ Ws) * [h1 > 0]``.
     Writes ``hd`` (for dWu), ``h1`` and ``dz2`` (for dWs), ``dz1`` (for dWd and du), all
-    (M, R). Grid: ``(cdiv(M, BLOCK_M),)``.
+    (M, R), and this row tile's fp32 column sums into ``part[pid_m]``, a row of
+    ``2D + 2R`` floats: ``[0, D)`` sum of dA over all rows (up bias), ``[D, 2D)`` over
+    patch rows (temporal up-projection bias, with ``O_TAPS``), ``[2D, 2D+R)`` sum of
+    dz2 (shared bias), ``[2D+R, 2D+2R)`` sum of dz1 (down bias).
+    Grid: ``(cdiv(M, BLOCK_M),)``.
     """
     p_drop = tl.cast(p_drop, tl.float32)
     pid_m = tl.program_id(0).to(tl.int64)
@@ -359,6 +479,7 @@ def _msta_bottleneck_bwd_kernel(u_ptr, dy_ptr, wd_ptr, bd_ptr, ws_ptr, bs_ptr, w
     patch = m_ok & (rm % TOK != 0)
     has_prev = patch & (t > 0)
     has_next = patch & (t < T - 1)
+    part = part_ptr + pid_m * (2 * D + 2 * R)
     acc1 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
@@ -371,21 +492,29 @@ def _msta_bottleneck_bwd_kernel(u_ptr, dy_ptr, wd_ptr, bd_ptr, ws_ptr, bs_ptr, w
         g = tl.load(dy_ptr + rm[:, None] * D + kk[None, :], mask=io, other=0.0)
         wu = tl.load(wu_ptr + kk[:, None] * R + rr[None, :], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc2 = tl.dot(g, wu, acc2, input_precision=DOT_PREC)
+        gf = g.to(tl.float32)
+        tl.store(part + kk, tl.sum(gf, axis=0), mask=k_ok)
         if O_TAPS:
-            gp = tl.load(dy_ptr + (rm - TOK)[:, None] * D + kk[None, :], mask=has_prev[:, None] & k_ok[None, :],
-                         other=0.0).to(tl.float32)
-            gn = tl.load(dy_ptr + (rm + TOK)[:, None] * D + kk[None, :], mask=has_next[:, None] & k_ok[None, :],
-                         other=0.0).to(tl.float32)
-            w0 = tl.load(wt_ptr + kk * 3 + 0, mask=k_ok, other=0.0).to(tl.float32)[None, :]
             w1 = tl.load(wt_ptr + kk * 3 + 1, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            q = gf * w1
+            tl.store(part + D + kk, tl.sum(tl.where(patch[:, None], gf, 0.0), axis=0), mask=k_ok)
+            w0 = tl.load(wt_ptr + kk * 3 + 0, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            gn = tl.load(dy_ptr + (rm + TOK)[:, None] * D + kk[None, :], mask=has_next[:, None] & k_ok[None, :],
+                         other=0.0)
+            q += w0 * gn.to(tl.float32)
             w2 = tl.load(wt_ptr + kk * 3 + 2, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-            q = tl.where(patch[:, None], w0 * gn + w1 * g.to(tl.float32) + w2 * gp, 0.0)
+            gp = tl.load(dy_ptr + (rm - TOK)[:, None] * D + kk[None, :], mask=has_prev[:, None] & k_ok[None, :],
+                         other=0.0)
+            q += w2 * gp.to(tl.float32)
+            q = tl.where(patch[:, None], q, 0.0).to(dy_ptr.dtype.element_ty)
             group = tl.where((kk[:, None] // GROUP == rr[None, :]) & k_ok[:, None], 1.0, 0.0)
-            acc2 = tl.dot(q, group, acc2, input_precision=TAPS_PREC)
+            acc2 = tl.dot(q, group.to(dy_ptr.dtype.element_ty), acc2, input_precision=DOT_PREC)
     h1 = tl.maximum(acc1 + tl.load(bd_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)[None, :], 0.0)
-    h1c = h1.to(hd_ptr.dtype.element_ty)
-    ws_t = tl.load(ws_ptr + rr[None, :] * R + rr[:, None], mask=r_ok[:, None] & r_ok[None, :], other=0.0)
-    z2 = tl.dot(h1c, ws_t, input_precision=DOT_PREC)
+    io = m_ok[:, None] & r_ok[None, :]
+    out = rm[:, None] * R + rr[None, :]
+    tl.store(h1_ptr + out, h1.to(h1_ptr.dtype.element_ty), mask=io)
+    tl.debug_barrier()
+    z2 = _rows_at_shared(h1_ptr, ws_ptr, rm, m_ok, rr, r_ok, R, True, DOT_PREC, BLOCK_M, BLOCK_R, BLOCK_C)
     h2 = tl.maximum(z2 + tl.load(bs_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)[None, :], 0.0)
     dh2 = acc2
     if HAS_DROPOUT:
@@ -394,93 +523,77 @@ def _msta_bottleneck_bwd_kernel(u_ptr, dy_ptr, wd_ptr, bd_ptr, ws_ptr, bs_ptr, w
         keep = tl.rand(seed, offs) >= p_drop
         h2 = tl.where(keep, h2 / (1.0 - p_drop), 0.0)
         dh2 = tl.where(keep, dh2 / (1.0 - p_drop), 0.0)
-    # h2 > 0 before dropout; a dropped element has no gradient either way
-    dz2 = tl.where(h2 > 0.0, dh2, 0.0)
-    dz2c = dz2.to(hd_ptr.dtype.element_ty)
-    ws = tl.load(ws_ptr + rr[:, None] * R + rr[None, :], mask=r_ok[:, None] & r_ok[None, :], other=0.0)
-    dh1 = tl.dot(dz2c, ws, input_precision=DOT_PREC)
-    dz1 = tl.where(h1 > 0.0, dh1, 0.0)
-    io = m_ok[:, None] & r_ok[None, :]
-    out = rm[:, None] * R + rr[None, :]
     tl.store(hd_ptr + out, h2.to(hd_ptr.dtype.element_ty), mask=io)
-    tl.store(h1_ptr + out, h1c, mask=io)
+    # h2 > 0 before dropout; a dropped element has no gradient either way
+    dz2c = tl.where(h2 > 0.0, dh2, 0.0).to(dz2_ptr.dtype.element_ty)
     tl.store(dz2_ptr + out, dz2c, mask=io)
-    tl.store(dz1_ptr + out, dz1.to(dz1_ptr.dtype.element_ty), mask=io)
+    tl.store(part + 2 * D + rr, tl.sum(dz2c.to(tl.float32), axis=0), mask=r_ok)
+    tl.debug_barrier()
+    dh1 = _rows_at_shared(dz2_ptr, ws_ptr, rm, m_ok, rr, r_ok, R, False, DOT_PREC, BLOCK_M, BLOCK_R, BLOCK_C)
+    # relu's gradient from the stored (rounded) h1, as eager autograd does
+    h1s = tl.load(h1_ptr + out, mask=io, other=0.0)
+    dz1c = tl.where(h1s > 0.0, dh1, 0.0).to(dz1_ptr.dtype.element_ty)
+    tl.store(dz1_ptr + out, dz1c, mask=io)
+    tl.store(part + 2 * D + R + rr, tl.sum(dz1c.to(tl.float32), axis=0), mask=r_ok)
+
+
+@triton.jit
+def _keep_mask_kernel(seed_ptr, out_ptr, M, R, p_drop, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``out[m, c] = tl.rand(seed, m*R + c) >= p`` as 0/1 floats, the MSTA dropout rule."""
+    p_drop = tl.cast(p_drop, tl.float32)
+    pid_m = tl.program_id(0).to(tl.int64)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_R)
+    seed = tl.load(seed_ptr)
+    offs = (rm[:, None] * R + rr[None, :]).to(tl.int32)
+    keep = tl.rand(seed, offs) >= p_drop
+    tl.store(out_ptr + rm[:, None] * R + rr[None, :], tl.where(keep, 1.0, 0.0),
+             mask=(rm < M)[:, None] & (rr < R)[None, :])
 
 
 # --------------------------------------------------------------------- host launchers
 
 
-def _dot_prec(dtype):
-    # fp32 inputs must not silently drop to tf32 on the GPU (the contract is fp32 math)
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _gemm_grid(m, n):
+    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
 
 
-def _cfg(device: torch.device):
-    """Tile sizes: small in the CPU interpreter (several programs per launch, so block
-    edges and neighbour rows in other programs are exercised), larger on the GPU."""
-    if device.type != "cuda":
-        return dict(BM=16, BN=32, BK=16, WM=16, WP=32, WQ=32, warps=4)
-    return dict(BM=64, BN=128, BK=32, WM=64, WP=64, WQ=64, warps=4)
-
-
-def _splits(device, rows, block_m, tiles):
-    """How many row ranges a weight-gradient reduction is split into."""
-    blocks = triton.cdiv(rows, block_m)
-    if device.type != "cuda":
-        return max(1, min(2, blocks))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(blocks, triton.cdiv(2 * sms, max(tiles, 1))))
-
-
-def _linear(a, w, bias, out, *, n, stride_wn, stride_wk, tok=1, zero_cls=False):
+def _linear(a, w, bias, out, *, n, stride_wn, stride_wk, tok=1, zero_cls=False, colsum=None):
+    """``out = a @ W^T (+ bias)``; with ``colsum`` returns the fp32 column sums of ``a``
+    (patch rows only with ``zero_cls``)."""
     m, k = a.shape
-    c = _cfg(a.device)
-    grid = (triton.cdiv(m, c["BM"]), triton.cdiv(n, c["BN"]))
-    _linear_kernel[grid](a, w, bias if bias is not None else w, out, m, k, n, tok, stride_wn, stride_wk,
-                         HAS_BIAS=bias is not None, ZERO_CLS=zero_cls, BLOCK_M=c["BM"], BLOCK_N=c["BN"],
-                         BLOCK_K=c["BK"], DOT_PREC=_dot_prec(a.dtype), num_warps=c["warps"])
-    return out
+    part = None
+    if colsum:
+        # one row of partial sums per row tile of the smallest BLOCK_M any config uses
+        part = torch.zeros((triton.cdiv(m, _min_block_m()), k), device=a.device, dtype=torch.float32)
+    _linear_kernel[_gemm_grid(m, n)](a, w, bias if bias is not None else w, out, part if part is not None else out,
+                                     m, k, n, tok, stride_wn, stride_wk, HAS_BIAS=bias is not None,
+                                     ZERO_CLS=zero_cls, COLSUM=bool(colsum), DOT_PREC=dot_precision(a.dtype))
+    return part.sum(0) if part is not None else None
+
+
+def _min_block_m():
+    return min(c.kwargs["BLOCK_M"] for c in _gemm_configs())
 
 
 def _up(a, w, bias, res, out, *, n, stride_wn, stride_wk, tok=1, frames=1, scale=1.0,
         a_taps=None, o_taps=None, group=1):
     m, k = a.shape
-    c = _cfg(a.device)
-    grid = (triton.cdiv(m, c["BM"]), triton.cdiv(n, c["BN"]))
     at = a_taps if a_taps is not None else (w, w)
     ot = o_taps if o_taps is not None else (w, w)
-    _up_kernel[grid](a, w, bias if bias is not None else w, res if res is not None else out, out,
-                     at[0], at[1], ot[0], ot[1], m, k, n, tok, frames, group, float(scale), stride_wn, stride_wk,
-                     HAS_BIAS=bias is not None, HAS_RES=res is not None, A_TAPS=a_taps is not None,
-                     O_TAPS=o_taps is not None, BLOCK_M=c["BM"], BLOCK_N=c["BN"], BLOCK_K=c["BK"],
-                     DOT_PREC=_dot_prec(a.dtype), num_warps=c["warps"])
+    _up_kernel[_gemm_grid(m, n)](a, w, bias if bias is not None else w, res if res is not None else out, out,
+                                 at[0], at[1], ot[0], ot[1], m, k, n, tok, frames, group, float(scale), stride_wn,
+                                 stride_wk, HAS_BIAS=bias is not None, HAS_RES=res is not None,
+                                 A_TAPS=a_taps is not None, O_TAPS=o_taps is not None, DOT_PREC=dot_precision(a.dtype))
     return out
 
 
-def _wgrad(a, b, *, tok=1, frames=1, group=1, bias_rows=0, o_taps=False):
-    """fp32 ``a^T @ b`` and its per-column vectors (see ``_wgrad_kernel``)."""
-    m, p = a.shape
-    q = b.shape[1]
-    c = _cfg(a.device)
-    tiles = triton.cdiv(p, c["WP"]) * triton.cdiv(q, c["WQ"])
-    s = _splits(a.device, m, c["WM"], tiles)
-    rows_per = triton.cdiv(triton.cdiv(m, s), c["WM"]) * c["WM"]
-    s = triton.cdiv(m, rows_per)
-    out = torch.empty((s, p, q), device=a.device, dtype=torch.float32)
-    vec = torch.empty((s, 5, p), device=a.device, dtype=torch.float32)
-    grid = (triton.cdiv(p, c["WP"]), triton.cdiv(q, c["WQ"]), s)
-    _wgrad_kernel[grid](a, b, out, vec, m, p, q, tok, frames, group, rows_per, BIAS_ROWS=bias_rows,
-                        O_TAPS=o_taps, BLOCK_M=c["WM"], BLOCK_P=c["WP"], BLOCK_Q=c["WQ"],
-                        DOT_PREC=_dot_prec(a.dtype), num_warps=c["warps"])
-    return out.sum(0), vec.sum(0)
-
-
-def _msta_cfg(device, r):
-    block_r = max(16, triton.next_power_of_2(r))
-    if device.type != "cuda":
-        return dict(BM=16, BR=block_r, BK=16, warps=4)
-    return dict(BM=64 if block_r <= 128 else 32, BR=block_r, BK=32, warps=8 if block_r >= 128 else 4)
+def _wgrad(a, b):
+    """``a^T @ b`` in fp32 through the BLAS library (cuBLAS on the GPU), fp32 output
+    from 16-bit inputs without a 16-bit intermediate."""
+    if a.is_cuda and a.dtype != torch.float32:
+        return torch.mm(a.t(), b, out_dtype=torch.float32)
+    return torch.mm(a.t().float(), b.float())  # fp32, or the CPU (interpreter) path
 
 
 def _st_forward(x, w_down, b_down, w_conv, b_conv, w_up, b_up, num_frames):
@@ -493,44 +606,60 @@ def _st_forward(x, w_down, b_down, w_conv, b_conv, w_up, b_up, num_frames):
         return y
     x2 = x.view(-1, d)
     h = torch.empty((x2.shape[0], r), device=x.device, dtype=x.dtype)
-    _linear(x2, w_down, b_down, h, n=r, stride_wn=d, stride_wk=1)
-    _up(h, w_up, b_up, x2, y.view(-1, d), n=d, stride_wn=r, stride_wk=1, tok=tok, frames=num_frames,
-        a_taps=(w_conv, b_conv))
+    with device_guard(x):
+        _linear(x2, w_down, b_down, h, n=r, stride_wn=d, stride_wk=1)
+        _up(h, w_up, b_up, x2, y.view(-1, d), n=d, stride_wn=r, stride_wk=1, tok=tok, frames=num_frames,
+            a_taps=(w_conv, b_conv))
     return y
 
 
-def _st_backward(dy, x, w_down, b_down, w_conv, b_conv, w_up, num_frames):
+def _st_backward(dy, x, w_down, b_down, w_conv, b_conv, w_up, num_frames, needs):
+    """Gradients of (x, w_down, b_down, w_conv, b_conv, w_up, b_up); the ones whose
+    ``needs`` entry is False are returned empty and not computed."""
     dy, x, w_down, b_down, w_conv, b_conv, w_up = (t.contiguous() for t in
                                                     (dy, x, w_down, b_down, w_conv, b_conv, w_up))
     bt, tok, d = x.shape
     r = w_down.shape[0]
+    shapes = [x.shape, w_down.shape, b_down.shape, w_conv.shape, b_conv.shape, w_up.shape, (d,)]
     if x.numel() == 0:
-        z = [torch.zeros(t.shape, device=x.device, dtype=t.dtype) for t in (w_down, b_down, w_conv, b_conv, w_up)]
-        return (torch.empty(x.shape, device=x.device, dtype=x.dtype), *z, torch.zeros(d, device=x.device, dtype=x.dtype))
+        return [torch.zeros(s, device=x.device, dtype=x.dtype) if n else x.new_empty((0,))
+                for s, n in zip(shapes, needs)]
     x2, dy2 = x.view(-1, d), dy.view(-1, d)
     m = x2.shape[0]
-    h = torch.empty((m, r), device=x.device, dtype=x.dtype)
-    dg = torch.empty_like(h)
-    _linear(x2, w_down, b_down, h, n=r, stride_wn=d, stride_wk=1)
-    _linear(dy2, w_up, None, dg, n=r, stride_wn=1, stride_wk=r, tok=tok, zero_cls=True)
-    g = torch.empty_like(h)
-    dh = torch.empty_like(h)
-    c = _cfg(x.device)
-    bm, br = c["BM"], c["BN"]
-    part = torch.empty((triton.cdiv(m, bm), 4, r), device=x.device, dtype=torch.float32)
-    _st_taps_bwd_kernel[(triton.cdiv(m, bm), triton.cdiv(r, br))](
-        h, dg, w_conv, b_conv, g, dh, part, m, r, tok, num_frames, BLOCK_M=bm, BLOCK_R=br, num_warps=c["warps"])
-    del h, dg
-    taps = part.sum(0)
-    d_wconv = taps[:3].t().contiguous().to(w_conv.dtype)
-    d_bconv = taps[3].to(b_conv.dtype, copy=True)
-    d_wup, vec_up = _wgrad(dy2, g, tok=tok, bias_rows=2)
-    del g
-    d_wdown, vec_down = _wgrad(dh, x2, bias_rows=1)
-    dx = torch.empty((bt, tok, d), device=x.device, dtype=x.dtype)
-    _up(dh, w_down, None, dy2, dx.view(-1, d), n=d, stride_wn=1, stride_wk=d)
-    return (dx, d_wdown.to(w_down.dtype), vec_down[0].to(b_down.dtype), d_wconv, d_bconv,
-            d_wup.to(w_up.dtype), vec_up[0].to(w_up.dtype))
+    out = [x.new_empty((0,)) for _ in shapes]
+    with device_guard(x):
+        h = torch.empty((m, r), device=x.device, dtype=x.dtype)
+        dg = torch.empty_like(h)
+        _linear(x2, w_down, b_down, h, n=r, stride_wn=d, stride_wk=1)
+        d_bup = _linear(dy2, w_up, None, dg, n=r, stride_wn=1, stride_wk=r, tok=tok, zero_cls=True, colsum=True)
+        g = torch.empty_like(h)
+        dh = torch.empty_like(h)
+        c = _taps_cfg()
+        bm, br = c["BLOCK_M"], c["BLOCK_R"]
+        part = torch.empty((triton.cdiv(m, bm), 5, r), device=x.device, dtype=torch.float32)
+        _st_taps_bwd_kernel[(triton.cdiv(m, bm), triton.cdiv(r, br))](
+            h, dg, w_conv, b_conv, g, dh, part, m, r, tok, num_frames, BLOCK_M=bm, BLOCK_R=br,
+            num_warps=c["num_warps"])
+        del h, dg
+        sums = part.sum(0)
+        if needs[5]:
+            out[5] = _wgrad(dy2, g).to(w_up.dtype)
+        del g
+        if needs[1]:
+            out[1] = _wgrad(dh, x2).to(w_down.dtype)
+        if needs[0]:
+            dx = torch.empty((bt, tok, d), device=x.device, dtype=x.dtype)
+            _up(dh, w_down, None, dy2, dx.view(-1, d), n=d, stride_wn=1, stride_wk=d)
+            out[0] = dx
+    if needs[2]:
+        out[2] = sums[4].to(b_down.dtype, copy=True)
+    if needs[3]:
+        out[3] = sums[:3].t().to(w_conv.dtype, memory_format=torch.contiguous_format, copy=True)
+    if needs[4]:
+        out[4] = sums[3].to(b_conv.dtype, copy=True)
+    if needs[6]:
+        out[6] = d_bup.to(w_up.dtype)
+    return out
 
 
 def _msta_forward(u, w_down, b_down, w_shared, b_shared, w_up, b_up, w_tconv, b_tconv, seed, scale,
@@ -548,59 +677,151 @@ def _msta_forward(u, w_down, b_down, w_shared, b_shared, w_up, b_up, w_tconv, b_
     u2 = u.view(-1, d)
     m = u2.shape[0]
     hd = torch.empty((m, r), device=u.device, dtype=u.dtype)
-    c = _msta_cfg(u.device, r)
-    _msta_bottleneck_fwd_kernel[(triton.cdiv(m, c["BM"]),)](
-        u2, w_down, b_down, w_shared, b_shared, seed, hd, m, d, r, float(dropout_p),
-        HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=c["BM"], BLOCK_R=c["BR"], BLOCK_K=c["BK"],
-        DOT_PREC=_dot_prec(u.dtype), num_warps=c["warps"])
-    _up(hd, w_up, b_up, None, out.view(-1, d), n=d, stride_wn=r, stride_wk=1, tok=tok,
-        frames=num_frames if vision else 1, scale=scale, o_taps=(w_tconv, b_tconv) if vision else None,
-        group=d // r if vision else 1)
+    c = _msta_cfg(r, u.dtype)
+    with device_guard(u):
+        _msta_bottleneck_fwd_kernel[(triton.cdiv(m, c["BLOCK_M"]),)](
+            u2, w_down, b_down, w_shared, b_shared, seed, hd, m, d, r, float(dropout_p),
+            HAS_DROPOUT=dropout_p > 0.0, DOT_PREC=dot_precision(u.dtype), **c)
+        _up(hd, w_up, b_up, None, out.view(-1, d), n=d, stride_wn=r, stride_wk=1, tok=tok,
+            frames=num_frames if vision else 1, scale=scale, o_taps=(w_tconv, b_tconv) if vision else None,
+            group=d // r if vision else 1)
     return out
 
 
 def _msta_backward(dy, u, w_down, b_down, w_shared, b_shared, w_up, w_tconv, seed, scale, num_frames,
-                   dropout_p):
+                   dropout_p, needs):
+    """Gradients of (u, w_down, b_down, w_shared, b_shared, w_up, b_up, w_tconv, b_tconv);
+    the ones whose ``needs`` entry is False (and the temporal ones for text) come back empty."""
     dy, u, w_down, b_down, w_shared, b_shared, w_up, seed = (
         t.contiguous() for t in (dy, u, w_down, b_down, w_shared, b_shared, w_up, seed))
     vision = w_tconv is not None
     if vision:
         w_tconv = w_tconv.contiguous()
+    else:
+        needs = list(needs[:7]) + [False, False]
     bt, tok, d = u.shape
     r = w_down.shape[0]
     dev = u.device
+    shapes = [u.shape, w_down.shape, b_down.shape, w_shared.shape, b_shared.shape, w_up.shape, (d,), (d, 3), (d,)]
     if u.numel() == 0:
-        z = [torch.zeros(t.shape, device=dev, dtype=t.dtype) for t in (w_down, b_down, w_shared, b_shared, w_up)]
-        zt = [torch.zeros((d, 3) if vision else (0,), device=dev, dtype=u.dtype),
-              torch.zeros((d,) if vision else (0,), device=dev, dtype=u.dtype)]
-        return (torch.empty(u.shape, device=dev, dtype=u.dtype), *z, torch.zeros(d, device=dev, dtype=u.dtype), *zt)
+        return [torch.zeros(s, device=dev, dtype=u.dtype) if n else u.new_empty((0,)) for s, n in zip(shapes, needs)]
     u2, dy2 = u.view(-1, d), dy.view(-1, d)
     m = u2.shape[0]
     group = d // r if vision else 1
     frames = num_frames if vision else 1
-    hd = torch.empty((m, r), device=dev, dtype=u.dtype)
-    h1, dz2, dz1 = torch.empty_like(hd), torch.empty_like(hd), torch.empty_like(hd)
-    c = _msta_cfg(dev, r)
-    _msta_bottleneck_bwd_kernel[(triton.cdiv(m, c["BM"]),)](
-        u2, dy2, w_down, b_down, w_shared, b_shared, w_up, w_tconv if vision else w_up, seed,
-        hd, h1, dz2, dz1, m, d, r, tok, frames, group, float(dropout_p),
-        HAS_DROPOUT=dropout_p > 0.0, O_TAPS=vision, BLOCK_M=c["BM"], BLOCK_R=c["BR"], BLOCK_K=c["BK"],
-        DOT_PREC=_dot_prec(u.dtype), TAPS_PREC=_dot_prec(u.dtype), num_warps=c["warps"])
-    d_wup, vec_up = _wgrad(dy2, hd, tok=tok, frames=frames, group=group, bias_rows=1, o_taps=vision)
-    del hd
-    d_wshared, vec_shared = _wgrad(dz2, h1, bias_rows=1)
-    del dz2, h1
-    d_wdown, vec_down = _wgrad(dz1, u2, bias_rows=1)
-    du = torch.empty((bt, tok, d), device=dev, dtype=u.dtype)
-    _up(dz1, w_down, None, None, du.view(-1, d), n=d, stride_wn=1, stride_wk=d, scale=scale)
-    if vision:
-        d_wt = vec_up[1:4].t().contiguous().to(w_tconv.dtype)
-        d_bt = vec_up[4].to(w_tconv.dtype, copy=True)
-    else:
-        d_wt = torch.zeros((0,), device=dev, dtype=u.dtype)
-        d_bt = torch.zeros((0,), device=dev, dtype=u.dtype)
-    return (du, d_wdown.to(w_down.dtype), vec_down[0].to(b_down.dtype), d_wshared.to(w_shared.dtype),
-            vec_shared[0].to(b_shared.dtype), d_wup.to(w_up.dtype), vec_up[0].to(w_up.dtype, copy=True), d_wt, d_bt)
+    out = [u.new_empty((0,)) for _ in shapes]
+    with device_guard(u):
+        hd = torch.empty((m, r), device=dev, dtype=u.dtype)
+        h1, dz2, dz1 = torch.empty_like(hd), torch.empty_like(hd), torch.empty_like(hd)
+        c = _msta_cfg(r, u.dtype, bwd=True)
+        tiles = triton.cdiv(m, c["BLOCK_M"])
+        part = torch.empty((tiles, 2 * d + 2 * r), device=dev, dtype=torch.float32)
+        _msta_bottleneck_bwd_kernel[(tiles,)](
+            u2, dy2, w_down, b_down, w_shared, b_shared, w_up, w_tconv if vision else w_up, seed,
+            hd, h1, dz2, dz1, part, m, d, r, tok, frames, group, float(dropout_p),
+            HAS_DROPOUT=dropout_p > 0.0, O_TAPS=vision, DOT_PREC=dot_precision(u.dtype), **c)
+        sums = part.sum(0)
+        if needs[7]:
+            tc = _taps_cfg()
+            bm, bn = tc["BLOCK_M"], 2 * tc["BLOCK_R"]
+            tpart = torch.empty((triton.cdiv(m, bm), 3, d), device=dev, dtype=torch.float32)
+            _msta_up_taps_grad_kernel[(triton.cdiv(m, bm), triton.cdiv(d, bn))](
+                dy2, hd, tpart, m, d, r, tok, frames, group, BLOCK_M=bm, BLOCK_N=bn, num_warps=tc["num_warps"])
+            out[7] = tpart.sum(0).t().contiguous().to(w_tconv.dtype)
+        if needs[5]:
+            out[5] = _wgrad(dy2, hd).to(w_up.dtype)
+        del hd
+        if needs[3]:
+            out[3] = _wgrad(dz2, h1).to(w_shared.dtype)
+        del dz2, h1
+        if needs[1]:
+            out[1] = _wgrad(dz1, u2).to(w_down.dtype)
+        if needs[0]:
+            du = torch.empty((bt, tok, d), device=dev, dtype=u.dtype)
+            _up(dz1, w_down, None, None, du.view(-1, d), n=d, stride_wn=1, stride_wk=d, scale=scale)
+            out[0] = du
+    if needs[6]:
+        out[6] = sums[:d].to(w_up.dtype, copy=True)
+    if needs[8]:
+        out[8] = sums[d:2 * d].to(w_tconv.dtype, copy=True)
+    if needs[4]:
+        out[4] = sums[2 * d:2 * d + r].to(b_shared.dtype, copy=True)
+    if needs[2]:
+        out[2] = sums[2 * d + r:].to(b_down.dtype, copy=True)
+    return out
+
+
+# ----------------------------------------------------------- sm_90 compile variants
+
+
+def sm90_variants(dtypes=(torch.float32, torch.float16, torch.bfloat16)):
+    """Every GPU launch of this module's kernels, for :mod:`vpeft_kernels.sm90_check`:
+    the constexpr specialisations the launchers above use, in fp32, fp16 and bf16, at
+    each config the launcher or the autotuner (after :func:`_prune_gemm`) may pick."""
+    from types import SimpleNamespace
+    from .sm90_check import expand, ptr
+    out = []
+    i32 = "i32"
+    for dtype in dtypes:
+        p, f32, prec, name = ptr(dtype), ptr(torch.float32), dot_precision(dtype), str(dtype).replace("torch.", "")
+        fake = {"a_ptr": SimpleNamespace(dtype=dtype)}
+        lin_types = dict(a_ptr=p, w_ptr=p, bias_ptr=p, out_ptr=p, colsum_ptr=f32, M=i32, K=i32, N=i32, TOK=i32,
+                         stride_wn=i32, stride_wk=i32)
+        for bias, zero, colsum in ((True, False, False), (False, True, True)):
+            flags = dict(HAS_BIAS=bias, ZERO_CLS=zero, COLSUM=colsum)
+            out += expand(f"_linear_kernel[{name},{flags}]", _linear_kernel, lin_types,
+                          dict(flags, DOT_PREC=prec), _prune_gemm(_linear_kernel.configs, fake, **flags),
+                          aligned=("a_ptr", "w_ptr", "out_ptr", "K", "N"))
+        up_types = dict(a_ptr=p, w_ptr=p, bias_ptr=p, res_ptr=p, out_ptr=p, ataps_ptr=p, atbias_ptr=p, otaps_ptr=p,
+                        otbias_ptr=p, M=i32, K=i32, N=i32, TOK=i32, T=i32, GROUP=i32, scale="fp32",
+                        stride_wn=i32, stride_wk=i32)
+        # ST fwd, ST dx, MSTA vision fwd, MSTA text fwd, MSTA du
+        for bias, res, at, ot in ((True, True, True, False), (False, True, False, False),
+                                  (True, False, False, True), (True, False, False, False),
+                                  (False, False, False, False)):
+            flags = dict(HAS_BIAS=bias, HAS_RES=res, A_TAPS=at, O_TAPS=ot)
+            out += expand(f"_up_kernel[{name},{flags}]", _up_kernel, up_types, dict(flags, DOT_PREC=prec),
+                          _prune_gemm(_up_kernel.configs, fake, **flags),
+                          aligned=("a_ptr", "w_ptr", "res_ptr", "out_ptr", "K", "N"))
+        tc = _taps_cfg()
+        cfg = triton.Config({k: tc[k] for k in ("BLOCK_M", "BLOCK_R")}, num_warps=tc["num_warps"], num_stages=1)
+        out += expand(f"_st_taps_bwd_kernel[{name}]", _st_taps_bwd_kernel,
+                      dict(h_ptr=p, dg_ptr=p, taps_ptr=p, tbias_ptr=p, g_ptr=p, dh_ptr=p, part_ptr=f32, M=i32,
+                           R=i32, TOK=i32, T=i32), {}, [cfg], aligned=("h_ptr", "dg_ptr", "g_ptr", "dh_ptr", "R"))
+        cfg = triton.Config(dict(BLOCK_M=tc["BLOCK_M"], BLOCK_N=2 * tc["BLOCK_R"]), num_warps=tc["num_warps"],
+                            num_stages=1)
+        out += expand(f"_msta_up_taps_grad_kernel[{name}]", _msta_up_taps_grad_kernel,
+                      dict(dy_ptr=p, hd_ptr=p, part_ptr=f32, M=i32, D=i32, R=i32, TOK=i32, T=i32, GROUP=i32),
+                      {}, [cfg], aligned=("dy_ptr", "hd_ptr", "D"))
+        # MSTA bottleneck kernels at every BLOCK_R up to the largest r this dtype takes
+        block_rs = [16 << i for i in range(5) if 16 << i <= _MSTA_MAX_R[dtype]]
+        for br in block_rs:
+            if dtype == dtypes[0]:  # the keep-mask kernel (dropout_keep_mask) writes fp32 whatever the dtype
+                mc = _msta_cfg(br)
+                out += expand("_keep_mask_kernel", _keep_mask_kernel,
+                              dict(seed_ptr=ptr(torch.int64), out_ptr=f32, M=i32, R=i32, p_drop="fp32"), {},
+                              [triton.Config({"BLOCK_M": mc["BLOCK_M"], "BLOCK_R": mc["BLOCK_R"]}, num_warps=4,
+                                             num_stages=1)], aligned=("out_ptr",))
+            for drop in (False, True):
+                mc = _msta_cfg(br, dtype)
+                cfg = triton.Config({k: mc[k] for k in ("BLOCK_M", "BLOCK_R", "BLOCK_K", "BLOCK_C")},
+                                    num_warps=mc["num_warps"], num_stages=mc["num_stages"])
+                out += expand(f"_msta_bottleneck_fwd_kernel[{name},dropout={drop}]", _msta_bottleneck_fwd_kernel,
+                              dict(u_ptr=p, wd_ptr=p, bd_ptr=p, ws_ptr=p, bs_ptr=p, seed_ptr=ptr(torch.int64),
+                                   hd_ptr=p, M=i32, D=i32, R=i32, p_drop="fp32"),
+                              dict(HAS_DROPOUT=drop, DOT_PREC=prec), [cfg], aligned=("u_ptr", "wd_ptr", "D"))
+                mc = _msta_cfg(br, dtype, bwd=True)
+                cfg = triton.Config({k: mc[k] for k in ("BLOCK_M", "BLOCK_R", "BLOCK_K", "BLOCK_C")},
+                                    num_warps=mc["num_warps"], num_stages=mc["num_stages"])
+                for taps in (False, True):
+                    out += expand(f"_msta_bottleneck_bwd_kernel[{name},dropout={drop},o_taps={taps}]",
+                                  _msta_bottleneck_bwd_kernel,
+                                  dict(u_ptr=p, dy_ptr=p, wd_ptr=p, bd_ptr=p, ws_ptr=p, bs_ptr=p, wu_ptr=p, wt_ptr=p,
+                                       seed_ptr=ptr(torch.int64), hd_ptr=p, h1_ptr=p, dz2_ptr=p, dz1_ptr=p,
+                                       part_ptr=f32, M=i32, D=i32, R=i32, TOK=i32, T=i32, GROUP=i32, p_drop="fp32"),
+                                  dict(HAS_DROPOUT=drop, O_TAPS=taps, DOT_PREC=prec), [cfg],
+                                  aligned=("u_ptr", "dy_ptr", "wd_ptr", "wu_ptr", "D"))
+    return out
 
 
 # --------------------------------------------------------- torch.library registration
@@ -619,15 +840,16 @@ def _(x, w_down, b_down, w_conv, b_conv, w_up, b_up, num_frames):
 
 @torch.library.custom_op("vpeft::st_adapter_backward", mutates_args=())
 def _st_adapter_bwd_op(dy: Tensor, x: Tensor, w_down: Tensor, b_down: Tensor, w_conv: Tensor, b_conv: Tensor,
-                       w_up: Tensor, num_frames: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _st_backward(dy, x, w_down, b_down, w_conv, b_conv, w_up, num_frames)
+                       w_up: Tensor, num_frames: int, needs: List[bool]) -> List[Tensor]:
+    """Gradients of (x, w_down, b_down, w_conv, b_conv, w_up, b_up); an entry whose
+    ``needs`` flag is False is an empty tensor and is not computed."""
+    return _st_backward(dy, x, w_down, b_down, w_conv, b_conv, w_up, num_frames, needs)
 
 
 @_st_adapter_bwd_op.register_fake
-def _(dy, x, w_down, b_down, w_conv, b_conv, w_up, num_frames):
-    return (x.new_empty(x.shape), w_down.new_empty(w_down.shape), b_down.new_empty(b_down.shape),
-            w_conv.new_empty(w_conv.shape), b_conv.new_empty(b_conv.shape), w_up.new_empty(w_up.shape),
-            w_up.new_empty((w_up.shape[0],)))
+def _(dy, x, w_down, b_down, w_conv, b_conv, w_up, num_frames, needs):
+    shapes = [x.shape, w_down.shape, b_down.shape, w_conv.shape, b_conv.shape, w_up.shape, (w_up.shape[0],)]
+    return [x.new_empty(s if n else (0,)) for s, n in zip(shapes, needs)]
 
 
 def _st_setup_context(ctx, inputs, output):
@@ -637,8 +859,9 @@ def _st_setup_context(ctx, inputs, output):
 
 
 def _st_autograd_backward(ctx, dy):
-    grads = torch.ops.vpeft.st_adapter_backward(dy, *ctx.saved_tensors, ctx.num_frames)
-    return (*grads, None)
+    needs = [bool(n) for n in ctx.needs_input_grad[:7]]
+    grads = torch.ops.vpeft.st_adapter_backward(dy, *ctx.saved_tensors, ctx.num_frames, needs)
+    return (*[g if n else None for g, n in zip(grads, needs)], None)
 
 
 _st_adapter_op.register_autograd(_st_autograd_backward, setup_context=_st_setup_context)
@@ -660,20 +883,20 @@ def _(u, w_down, b_down, w_shared, b_shared, w_up, b_up, w_tconv, b_tconv, seed,
 @torch.library.custom_op("vpeft::msta_adapter_backward", mutates_args=())
 def _msta_adapter_bwd_op(dy: Tensor, u: Tensor, w_down: Tensor, b_down: Tensor, w_shared: Tensor,
                          b_shared: Tensor, w_up: Tensor, w_tconv: Optional[Tensor], seed: Tensor, scale: float,
-                         num_frames: int, dropout_p: float
-                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of the MSTA branch; the last two (w_tconv, b_tconv) are empty for text."""
+                         num_frames: int, dropout_p: float, needs: List[bool]) -> List[Tensor]:
+    """Gradients of (u, w_down, b_down, w_shared, b_shared, w_up, b_up, w_tconv, b_tconv);
+    an entry whose ``needs`` flag is False (and the temporal pair for text) is empty."""
     return _msta_backward(dy, u, w_down, b_down, w_shared, b_shared, w_up, w_tconv, seed, scale, num_frames,
-                          dropout_p)
+                          dropout_p, needs)
 
 
 @_msta_adapter_bwd_op.register_fake
-def _(dy, u, w_down, b_down, w_shared, b_shared, w_up, w_tconv, seed, scale, num_frames, dropout_p):
+def _(dy, u, w_down, b_down, w_shared, b_shared, w_up, w_tconv, seed, scale, num_frames, dropout_p, needs):
     d = u.shape[-1]
     vision = w_tconv is not None
-    return (u.new_empty(u.shape), w_down.new_empty(w_down.shape), b_down.new_empty(b_down.shape),
-            w_shared.new_empty(w_shared.shape), b_shared.new_empty(b_shared.shape), w_up.new_empty(w_up.shape),
-            w_up.new_empty((d,)), u.new_empty((d, 3) if vision else (0,)), u.new_empty((d,) if vision else (0,)))
+    shapes = [u.shape, w_down.shape, b_down.shape, w_shared.shape, b_shared.shape, w_up.shape, (d,), (d, 3), (d,)]
+    flags = list(needs[:7]) + ([needs[7], needs[8]] if vision else [False, False])
+    return [u.new_empty(s if n else (0,)) for s, n in zip(shapes, flags)]
 
 
 def _msta_setup_context(ctx, inputs, output):
@@ -685,10 +908,12 @@ def _msta_setup_context(ctx, inputs, output):
 
 def _msta_autograd_backward(ctx, dy):
     u, w_down, b_down, w_shared, b_shared, w_up, w_tconv, seed = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:9]]
+    if not ctx.vision:
+        needs[7] = needs[8] = False
     g = torch.ops.vpeft.msta_adapter_backward(dy, u, w_down, b_down, w_shared, b_shared, w_up,
-                                              w_tconv if ctx.vision else None, seed, *ctx.args)
-    wt, bt = (g[7], g[8]) if ctx.vision else (None, None)
-    return (*g[:7], wt, bt, None, None, None, None)
+                                              w_tconv if ctx.vision else None, seed, *ctx.args, needs)
+    return (*[t if n else None for t, n in zip(g, needs)], None, None, None, None)
 
 
 _msta_adapter_op.register_autograd(_msta_autograd_backward, setup_context=_msta_setup_context)
@@ -730,24 +955,11 @@ def msta_adapter_triton(u, w_down, b_down, w_shared, b_shared, w_up, b_up, w_tco
 def dropout_keep_mask(seed: Tensor, rows: int, r: int, p: float) -> Tensor:
     """The (rows, r) keep mask the MSTA kernels use for ``seed`` (for tests and debugging)."""
     keep = torch.empty((rows, r), device=seed.device, dtype=torch.float32)
-    c = _msta_cfg(seed.device, r)
-    _keep_mask_kernel[(triton.cdiv(rows, c["BM"]),)](seed, keep, rows, r, float(p), BLOCK_M=c["BM"],
-                                                     BLOCK_R=c["BR"])
+    c = _msta_cfg(r)
+    with device_guard(seed):
+        _keep_mask_kernel[(triton.cdiv(rows, c["BLOCK_M"]),)](seed, keep, rows, r, float(p), BLOCK_M=c["BLOCK_M"],
+                                                              BLOCK_R=c["BLOCK_R"])
     return keep.bool()
-
-
-@triton.jit
-def _keep_mask_kernel(seed_ptr, out_ptr, M, R, p_drop, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
-    """``out[m, c] = tl.rand(seed, m*R + c) >= p`` as 0/1 floats, the MSTA dropout rule."""
-    p_drop = tl.cast(p_drop, tl.float32)
-    pid_m = tl.program_id(0).to(tl.int64)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rr = tl.arange(0, BLOCK_R)
-    seed = tl.load(seed_ptr)
-    offs = (rm[:, None] * R + rr[None, :]).to(tl.int32)
-    keep = tl.rand(seed, offs) >= p_drop
-    tl.store(out_ptr + rm[:, None] * R + rr[None, :], tl.where(keep, 1.0, 0.0),
-             mask=(rm < M)[:, None] & (rr < R)[None, :])
 
 
 # ------------------------------------------------------------ backend registration

@@ -20,9 +20,10 @@ For the backward pass only flash-attention's set is saved: ``qkv`` (q, k, v), ``
 the logsumexp, and the per-frame ``kv_cls`` buffer, besides the op's inputs ``s``,
 ``c``, ``pos`` and the weights (``s`` stands in for the LayerNorm input eager autograd
 would keep). The LayerNorm of ``s + pos`` is recomputed in the backward pass instead
-of its input and output being stored. Two backward kernels give dQ (plus the extra
-token's dK/dV as per-query-block partial sums, reduced on the host without atomics,
-so the result is deterministic) and dK/dV of the patch keys; the extra token's
+of its input and output being stored. One backward kernel per (frame, head) gives dQ,
+dK/dV of the patch keys and the extra token's dK/dV (flash-attention 2's
+non-sequence-parallel scheme, five matmuls per block pair, no atomics, deterministic;
+no probabilities are saved or written); the extra token's
 gradient then flows through its projection and LayerNorm and back through the shift
 to the [CLS] channels of the neighbouring frames.
 
@@ -45,7 +46,8 @@ import triton
 import triton.language as tl
 
 from . import _backend
-from ._triton_common import INTERPRET as _INTERPRET, cast_inputs, common_reasons, cuda_only
+from ._triton_common import (INTERPRET as _INTERPRET, cast_inputs, common_reasons, cuda_only, device_guard,
+                             dot_precision)
 
 __all__ = ["token_shift_attention_triton", "attention_core", "SUPPORTED_HEAD_DIMS"]
 
@@ -54,36 +56,52 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 # Block sizes. The interpreter costs about the same per program instance whatever the
 # block size, and it cannot autotune over several configs without a GPU, so it gets one
 # small config (which also makes tiny test shapes span several blocks and a tail).
-_DQ_BLOCK_M = 16 if _INTERPRET else 64  # query rows per dQ program (fixes the partial count)
+# vpeft_kernels.sm90_check compiles every GPU config for sm_90 at every head dim;
+# _prune_attention drops the ones that spill there.
+
+_FWD_GPU = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 3)]
+_BWD_GPU = [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (128, 64, 8, 2),
+            (32, 32, 8, 2)]
 
 
-def _configs(pairs):
+def _configs(table):
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-            for (m, n, w, st) in pairs]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for (m, n, w, st) in table]
 
 
-def _dq_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st)
-            for (n, w, st) in [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2)]]
+# (kernel, HEAD_DIM) -> configs (BLOCK_M, BLOCK_N, warps) that spill on sm_90, found by
+# `python -m vpeft_kernels.sm90_check --dtypes bfloat16` (bf16; the same tiles serve fp16/fp32)
+_SPILLS = {
+    ("bwd", 16): {(32, 32, 4)},
+    ("bwd", 64): {(64, 32, 4)},
+    ("fwd", 128): {(128, 64, 4)},
+    ("bwd", 128): {(64, 64, 4), (64, 64, 8), (32, 64, 4), (64, 32, 4), (32, 32, 4), (128, 64, 8)},
+}
+
+
+def _prune_attention(kernel):
+    def prune(configs, named_args, **kwargs):
+        hd = kwargs.get("HEAD_DIM")
+        bad = _SPILLS.get((kernel, hd), ())
+        keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) not in bad]
+        return keep or configs[:1]
+    return prune
 
 
 # --------------------------------------------------------------------------- kernels
 
 
-@triton.autotune(
-    configs=_configs([(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 3),
-                      (128, 32, 4, 3), (64, 32, 4, 3)]),
-    key=["N", "HEAD_DIM"],
-)
+@triton.autotune(configs=_configs(_FWD_GPU), key=["N", "HEAD_DIM"],
+                 prune_configs_by={"early_config_prune": _prune_attention("fwd")})
 @triton.jit
 def _tsa_fwd_kernel(QKV, KVC, O, LSE, sm_scale: tl.float32, N, H,
                     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Forward attention of one (frame, head, query block) over N patch keys + 1 extra key.
+    """Forward attention of one (query block, frame, head) over N patch keys + 1 extra key.
+
+    Grid ``(cdiv(N, BLOCK_M), F*H)``: the query block is on ``program_id(0)``, so the
+    programs running together share one head's K/V through L2.
 
     Layouts (all contiguous), with ``d = H * HEAD_DIM`` and ``f`` the frame row:
       QKV ``(F, N, 3d)``: q, k, v of head ``h`` at columns ``h*HEAD_DIM + [0, d, 2d]``;
@@ -97,8 +115,8 @@ def _tsa_fwd_kernel(QKV, KVC, O, LSE, sm_scale: tl.float32, N, H,
     The running max and sum are fp32 and kept in base 2 (scores times log2(e)); the
     extra key seeds them, so every row has a finite max before the first patch block.
     """
-    pid_fh = tl.program_id(0).to(tl.int64)
-    pid_m = tl.program_id(1).to(tl.int64)
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_fh = tl.program_id(1).to(tl.int64)
     f = pid_fh // H
     h = pid_fh % H
     d = H * HEAD_DIM
@@ -129,14 +147,14 @@ def _tsa_fwd_kernel(QKV, KVC, O, LSE, sm_scale: tl.float32, N, H,
         n_valid = cols < N
         k = tl.load(k_base + cols[:, None] * row_stride + offs_d[None, :],
                     mask=n_valid[:, None], other=0.0)
-        v = tl.load(v_base + cols[:, None] * row_stride + offs_d[None, :],
-                    mask=n_valid[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(n_valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + cols[:, None] * row_stride + offs_d[None, :],
+                    mask=n_valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -147,152 +165,108 @@ def _tsa_fwd_kernel(QKV, KVC, O, LSE, sm_scale: tl.float32, N, H,
     tl.store(LSE + pid_fh * N + offs_m, lse, mask=m_valid)
 
 
-@triton.autotune(configs=_dq_configs(), key=["N", "HEAD_DIM"])
+@triton.autotune(configs=_configs(_BWD_GPU), key=["N", "HEAD_DIM"],
+                 prune_configs_by={"early_config_prune": _prune_attention("bwd")})
 @triton.jit
-def _tsa_bwd_dq_kernel(QKV, KVC, O, DO, LSE, DELTA, DQKV, PART, sm_scale: tl.float32, N, H,
-                       NUM_MB, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dQ of one (frame, head, query block), plus that block's share of the extra key's grads.
+def _tsa_bwd_kernel(QKV, KVC, O, DO, LSE, DQKV, DQ, DELTA, PART, sm_scale: tl.float32, N, H,
+                    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The whole attention backward of one (frame, head) in one program (grid ``(F*H,)``).
 
-    Layouts as in the forward kernel; DO ``(F, N, d)`` is the gradient of O, DQKV
-    ``(F, N, 3d)`` receives dQ in the q columns, DELTA ``(F, H, N)`` fp32 receives
-    ``delta_i = dO_i . O_i``, PART ``(F*H, NUM_MB, 2, HEAD_DIM)`` fp32 receives this query
-    block's partial sums of the extra key's gradients (index 0: dK, 1: dV).
+    Flash-attention 2's non-sequence-parallel scheme, with the extra key handled in a
+    first pass: N <= a few hundred, so one program per head keeps the machine busy at
+    F*H programs and needs neither atomics nor a second kernel.
 
-    Math, with ``p_ij = exp(s_ij - lse_i)`` (j = extra key or patch key):
-      ``dp_ij = dO_i . v_j``, ``ds_ij = p_ij * (dp_ij - delta_i)``,
-      ``dq_i = a * sum_j ds_ij k_j``,
-      partial ``dkc = a * sum_{i in block} ds_i0 q_i``, ``dvc = sum_{i in block} p_i0 dO_i``.
+    1. Over query blocks: ``delta_i = dO_i . O_i`` (to DELTA ``(F*H, N)`` fp32), the
+       extra key's probabilities ``p_i0``, ``ds_i0 = p_i0 (dO_i . vc - delta_i)``,
+       ``dq_i = ds_i0 kc`` (to the fp32 scratch DQ ``(F*H, N, HEAD_DIM)``), and the
+       extra key's ``dkc = a sum_i ds_i0 q_i``, ``dvc = sum_i p_i0 dO_i`` (to PART
+       ``(F*H, 2, HEAD_DIM)`` fp32).
+    2. Per block of patch keys, over all query blocks, five matmuls:
+       ``s = q k^T``, ``dp = dO v^T``, ``dv += p^T dO``, ``dk += ds^T q``, ``dq += ds k``
+       (dq read-modify-written in DQ; dk, dv stay in registers and are written once).
+    3. ``dq * a`` to the q columns of DQKV ``(F, N, 3d)``; dk, dv went to its k, v columns.
+    Layouts as in the forward kernel.
     """
     pid_fh = tl.program_id(0).to(tl.int64)
-    pid_m = tl.program_id(1).to(tl.int64)
     f = pid_fh // H
     h = pid_fh % H
     d = H * HEAD_DIM
     row_stride = 3 * d
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    m_valid = offs_m < N
-
-    q_base = QKV + f * N * row_stride + h * HEAD_DIM
-    q = tl.load(q_base + offs_m[:, None] * row_stride + offs_d[None, :],
-                mask=m_valid[:, None], other=0.0)
-    od_offs = f * N * d + h * HEAD_DIM + offs_m[:, None] * d + offs_d[None, :]
-    do = tl.load(DO + od_offs, mask=m_valid[:, None], other=0.0)
-    o = tl.load(O + od_offs, mask=m_valid[:, None], other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-    tl.store(DELTA + pid_fh * N + offs_m, delta, mask=m_valid)
-    lse2 = tl.load(LSE + pid_fh * N + offs_m, mask=m_valid, other=0.0) * 1.4426950408889634
-
     qk_scale = sm_scale * 1.4426950408889634
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    q_base = QKV + f * N * row_stride + h * HEAD_DIM
+    od_base = f * N * d + h * HEAD_DIM
+    dq_base = DQ + pid_fh * N * HEAD_DIM
     kvc_base = KVC + f * 2 * d + h * HEAD_DIM
     kc = tl.load(kvc_base + offs_d).to(tl.float32)
     vc = tl.load(kvc_base + d + offs_d).to(tl.float32)
-    qf = q.to(tl.float32)
-    dof = do.to(tl.float32)
-    p0 = tl.exp2(tl.sum(qf * kc[None, :], axis=1) * qk_scale - lse2)
-    p0 = tl.where(m_valid, p0, 0.0)
-    ds0 = p0 * (tl.sum(dof * vc[None, :], axis=1) - delta)
-    dq = ds0[:, None] * kc[None, :]
-    part = PART + (pid_fh * NUM_MB + pid_m) * 2 * HEAD_DIM
-    tl.store(part + offs_d, tl.sum(ds0[:, None] * qf, axis=0) * sm_scale)
-    tl.store(part + HEAD_DIM + offs_d, tl.sum(p0[:, None] * dof, axis=0))
 
-    k_base = q_base + d
-    v_base = q_base + 2 * d
-    for start_n in range(0, N, BLOCK_N):
-        cols = start_n + offs_n
-        n_valid = cols < N
-        k = tl.load(k_base + cols[:, None] * row_stride + offs_d[None, :],
-                    mask=n_valid[:, None], other=0.0)
-        v = tl.load(v_base + cols[:, None] * row_stride + offs_d[None, :],
-                    mask=n_valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        p = tl.exp2(s - lse2[:, None])
-        p = tl.where(n_valid[None, :] & m_valid[:, None], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-
-    dq = dq * sm_scale
-    tl.store(DQKV + f * N * row_stride + h * HEAD_DIM + offs_m[:, None] * row_stride + offs_d[None, :],
-             dq.to(DQKV.dtype.element_ty), mask=m_valid[:, None])
-
-
-@triton.autotune(
-    configs=_configs([(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (64, 128, 8, 2),
-                      (32, 128, 8, 2), (64, 32, 4, 2)]),
-    key=["N", "HEAD_DIM"],
-)
-@triton.jit
-def _tsa_bwd_dkdv_kernel(QKV, DO, LSE, DELTA, DQKV, sm_scale: tl.float32, N, H,
-                         HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dK and dV of one (frame, head, block of BLOCK_N patch keys) over all N queries.
-
-    Layouts as in the forward kernel; reads DELTA written by the dQ kernel; writes
-    the k and v columns of DQKV ``(F, N, 3d)``.
-
-    Math: ``dv_j = sum_i p_ij dO_i``, ``dk_j = a * sum_i p_ij (dO_i . v_j - delta_i) q_i``.
-    (The extra key takes no part here: its gradients come from the dQ kernel.)
-    """
-    pid_fh = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
-    f = pid_fh // H
-    h = pid_fh % H
-    d = H * HEAD_DIM
-    row_stride = 3 * d
-
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    n_valid = cols < N
-
-    q_base = QKV + f * N * row_stride + h * HEAD_DIM
-    k = tl.load(q_base + d + cols[:, None] * row_stride + offs_d[None, :],
-                mask=n_valid[:, None], other=0.0)
-    v = tl.load(q_base + 2 * d + cols[:, None] * row_stride + offs_d[None, :],
-                mask=n_valid[:, None], other=0.0)
-    qk_scale = sm_scale * 1.4426950408889634
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    do_base = DO + f * N * d + h * HEAD_DIM
+    dkc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    dvc = tl.zeros([HEAD_DIM], dtype=tl.float32)
     for start_m in range(0, N, BLOCK_M):
-        rows = start_m + offs_m
+        rows = start_m + offs_m0
         m_valid = rows < N
-        q = tl.load(q_base + rows[:, None] * row_stride + offs_d[None, :],
-                    mask=m_valid[:, None], other=0.0)
-        do = tl.load(do_base + rows[:, None] * d + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+        q = tl.load(q_base + rows[:, None] * row_stride + offs_d[None, :], mask=m_valid[:, None],
+                    other=0.0).to(tl.float32)
+        do = tl.load(DO + od_base + rows[:, None] * d + offs_d[None, :], mask=m_valid[:, None],
+                     other=0.0).to(tl.float32)
+        o = tl.load(O + od_base + rows[:, None] * d + offs_d[None, :], mask=m_valid[:, None],
+                    other=0.0).to(tl.float32)
+        delta = tl.sum(do * o, axis=1)
+        tl.store(DELTA + pid_fh * N + rows, delta, mask=m_valid)
         lse2 = tl.load(LSE + pid_fh * N + rows, mask=m_valid, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + pid_fh * N + rows, mask=m_valid, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale    # (M, BLOCK_N)
-        p = tl.exp2(s - lse2[:, None])
-        p = tl.where(m_valid[:, None] & n_valid[None, :], p, 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+        p0 = tl.where(m_valid, tl.exp2(tl.sum(q * kc[None, :], axis=1) * qk_scale - lse2), 0.0)
+        ds0 = p0 * (tl.sum(do * vc[None, :], axis=1) - delta)
+        tl.store(dq_base + rows[:, None] * HEAD_DIM + offs_d[None, :], ds0[:, None] * kc[None, :],
+                 mask=m_valid[:, None])
+        dkc += tl.sum(ds0[:, None] * q, axis=0)
+        dvc += tl.sum(p0[:, None] * do, axis=0)
+    tl.store(PART + pid_fh * 2 * HEAD_DIM + offs_d, dkc * sm_scale)
+    tl.store(PART + pid_fh * 2 * HEAD_DIM + HEAD_DIM + offs_d, dvc)
+    tl.debug_barrier()  # DELTA and DQ written above are read below by other threads
 
-    dk = dk * sm_scale
-    out = DQKV + f * N * row_stride + h * HEAD_DIM + cols[:, None] * row_stride + offs_d[None, :]
-    tl.store(out + d, dk.to(DQKV.dtype.element_ty), mask=n_valid[:, None])
-    tl.store(out + 2 * d, dv.to(DQKV.dtype.element_ty), mask=n_valid[:, None])
+    for start_n in range(0, N, BLOCK_N):
+        cols = start_n + offs_n0
+        n_valid = cols < N
+        k = tl.load(q_base + d + cols[:, None] * row_stride + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+        v = tl.load(q_base + 2 * d + cols[:, None] * row_stride + offs_d[None, :], mask=n_valid[:, None],
+                    other=0.0)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        for start_m in range(0, N, BLOCK_M):
+            rows = start_m + offs_m0
+            m_valid = rows < N
+            q = tl.load(q_base + rows[:, None] * row_stride + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+            do = tl.load(DO + od_base + rows[:, None] * d + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+            lse2 = tl.load(LSE + pid_fh * N + rows, mask=m_valid, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + pid_fh * N + rows, mask=m_valid, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            p = tl.where(m_valid[:, None] & n_valid[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = (p * (dp - delta[:, None])).to(q.dtype)
+            dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
+            dq_ptrs = dq_base + rows[:, None] * HEAD_DIM + offs_d[None, :]
+            dq = tl.load(dq_ptrs, mask=m_valid[:, None], other=0.0)
+            dq += tl.dot(ds, k, input_precision=DOT_PRECISION)
+            tl.store(dq_ptrs, dq, mask=m_valid[:, None])
+        out = DQKV + f * N * row_stride + h * HEAD_DIM + cols[:, None] * row_stride + offs_d[None, :]
+        tl.store(out + d, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=n_valid[:, None])
+        tl.store(out + 2 * d, dv.to(DQKV.dtype.element_ty), mask=n_valid[:, None])
+        tl.debug_barrier()  # the next key block re-reads DQ
+
+    for start_m in range(0, N, BLOCK_M):
+        rows = start_m + offs_m0
+        m_valid = rows < N
+        dq = tl.load(dq_base + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+        tl.store(DQKV + f * N * row_stride + h * HEAD_DIM + rows[:, None] * row_stride + offs_d[None, :],
+                 (dq * sm_scale).to(DQKV.dtype.element_ty), mask=m_valid[:, None])
 
 
 # --------------------------------------------------------------------------- launchers
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get full-precision products (tf32 would be ~1e-3 off the reference);
-    # fp16/bf16 ignore the setting.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _on_device(t: torch.Tensor):
-    """Triton launches on the current CUDA device: make it the tensors' device."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def attention_core(qkv: torch.Tensor, kv_cls: torch.Tensor, num_heads: int):
@@ -305,10 +279,10 @@ def attention_core(qkv: torch.Tensor, kv_cls: torch.Tensor, num_heads: int):
     hd = d // num_heads
     o = torch.empty((fr, n, d), device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty((fr, num_heads, n), device=qkv.device, dtype=torch.float32)
-    grid = lambda meta: (fr * num_heads, triton.cdiv(n, meta["BLOCK_M"]))  # noqa: E731
-    with _on_device(qkv):
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), fr * num_heads)  # noqa: E731
+    with device_guard(qkv):
         _tsa_fwd_kernel[grid](qkv, kv_cls, o, lse, float(hd ** -0.5), n, num_heads,
-                              HEAD_DIM=hd, DOT_PRECISION=_dot_precision(qkv.dtype))
+                              HEAD_DIM=hd, DOT_PRECISION=dot_precision(qkv.dtype))
     return o, lse
 
 
@@ -317,22 +291,15 @@ def _attention_core_backward(qkv, kv_cls, o, lse, do, num_heads):
     fr, n, d3 = qkv.shape
     d = d3 // 3
     hd = d // num_heads
-    scale = float(hd ** -0.5)
-    prec = _dot_precision(qkv.dtype)
     dqkv = torch.empty_like(qkv)
-    delta = torch.empty((fr, num_heads, n), device=qkv.device, dtype=torch.float32)
-    num_mb = triton.cdiv(n, _DQ_BLOCK_M)
-    part = torch.empty((fr * num_heads, num_mb, 2, hd), device=qkv.device, dtype=torch.float32)
-    grid = lambda meta: (fr * num_heads, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-    with _on_device(qkv):
-        # dQ first: it also writes delta, which the dK/dV kernel reads
-        _tsa_bwd_dq_kernel[(fr * num_heads, num_mb)](
-            qkv, kv_cls, o, do, lse, delta, dqkv, part, scale, n, num_heads, num_mb,
-            HEAD_DIM=hd, DOT_PRECISION=prec, BLOCK_M=_DQ_BLOCK_M)
-        _tsa_bwd_dkdv_kernel[grid](qkv, do, lse, delta, dqkv, scale, n, num_heads,
-                                   HEAD_DIM=hd, DOT_PRECISION=prec)
-    # (F*H, MB, 2, hd) -> (F, 2, H, hd) -> (F, 2d): the same layout as kv_cls
-    dkv_cls = part.sum(1).view(fr, num_heads, 2, hd).transpose(1, 2).reshape(fr, 2 * d)
+    dq = torch.empty((fr * num_heads, n, hd), device=qkv.device, dtype=torch.float32)  # fp32 scratch
+    delta = torch.empty((fr * num_heads, n), device=qkv.device, dtype=torch.float32)
+    part = torch.empty((fr * num_heads, 2, hd), device=qkv.device, dtype=torch.float32)
+    with device_guard(qkv):
+        _tsa_bwd_kernel[(fr * num_heads,)](qkv, kv_cls, o, do, lse, dqkv, dq, delta, part, float(hd ** -0.5),
+                                           n, num_heads, HEAD_DIM=hd, DOT_PRECISION=dot_precision(qkv.dtype))
+    # (F*H, 2, hd) -> (F, 2, H, hd) -> (F, 2d): the same layout as kv_cls
+    dkv_cls = part.view(fr, num_heads, 2, hd).transpose(1, 2).reshape(fr, 2 * d)
     return dqkv, dkv_cls
 
 
@@ -529,3 +496,28 @@ def _reasons(s, c, pos, ln_weight, ln_bias, w_qkv, b_qkv, w_out, b_out, *, num_f
 
 _backend.register("token_shift_attention", "triton", token_shift_attention_triton,
                   reasons=_reasons, auto_reasons=cuda_only)
+
+
+# --------------------------------------------------------------------------- sm_90 variants
+
+
+def sm90_variants(dtypes=(torch.float32, torch.float16, torch.bfloat16)):
+    """Every GPU launch of the attention kernels for :mod:`vpeft_kernels.sm90_check`: each
+    supported head dim, fp32/fp16/bf16, each autotune config."""
+    from .sm90_check import expand, ptr
+    out = []
+    f32, i32 = ptr(torch.float32), "i32"
+    for dtype in dtypes:
+        p, prec, name = ptr(dtype), dot_precision(dtype), str(dtype).replace("torch.", "")
+        for hd in SUPPORTED_HEAD_DIMS:
+            consts = dict(HEAD_DIM=hd, DOT_PRECISION=prec)
+            out += expand(f"_tsa_fwd_kernel[{name},hd={hd}]", _tsa_fwd_kernel,
+                          dict(QKV=p, KVC=p, O=p, LSE=f32, sm_scale="fp32", N=i32, H=i32), consts,
+                          _prune_attention("fwd")(_tsa_fwd_kernel.configs, {}, HEAD_DIM=hd),
+                          aligned=("QKV", "KVC", "O", "LSE"))
+            out += expand(f"_tsa_bwd_kernel[{name},hd={hd}]", _tsa_bwd_kernel,
+                          dict(QKV=p, KVC=p, O=p, DO=p, LSE=f32, DQKV=p, DQ=f32, DELTA=f32, PART=f32, sm_scale="fp32",
+                               N=i32, H=i32),
+                          consts, _prune_attention("bwd")(_tsa_bwd_kernel.configs, {}, HEAD_DIM=hd),
+                          aligned=("QKV", "KVC", "O", "DO", "LSE", "DQKV", "DQ"))
+    return out

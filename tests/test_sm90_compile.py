@@ -1,0 +1,73 @@
+"""Every Triton kernel compiles for sm_90 (H100/H200) at every GPU config it can launch
+with, without register spills (apart from the MSTA variants listed, as not fixed yet, in
+``sm90_check.KNOWN_SPILLS``) and within a Hopper block's 227 KB of shared memory.
+
+No GPU is needed: :mod:`vpeft_kernels.sm90_check` compiles ahead of time with Triton's
+CUDA backend and its bundled ptxas, in a subprocess without ``TRITON_INTERPRET`` (under
+the interpreter the kernels and their GPU config tables are replaced). A cold run
+compiles ~300 variants (a few minutes on two cores); Triton's cache makes reruns fast.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [x for x in [env.get("PYTHONPATH")] if x])
+    return env
+
+
+_COVERAGE = r'''
+import importlib, json
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
+from vpeft_kernels import sm90_check
+kernels = set()
+for name in ("adapter", "token_shift_attention"):
+    mod = importlib.import_module("vpeft_kernels." + name)
+    for attr, obj in vars(mod).items():
+        if isinstance(obj, (JITFunction, Autotuner)) and attr.endswith("_kernel"):
+            kernels.add(attr)
+checked = {v.fn.fn.__name__ if isinstance(v.fn, Autotuner) else v.fn.__name__ for v in sm90_check.variants()}
+print(json.dumps({"kernels": sorted(kernels), "checked": sorted(checked)}))
+'''
+
+
+def test_every_kernel_has_sm90_variants():
+    """No kernel escapes the check: each ``*_kernel`` of the Triton modules is listed."""
+    proc = subprocess.run([sys.executable, "-c", _COVERAGE], env=_env(), capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["kernels"], "no Triton kernels found"
+    missing = set(got["kernels"]) - set(got["checked"])
+    assert not missing, f"kernels without sm_90 compile variants: {sorted(missing)}"
+
+
+@pytest.mark.slow
+def test_all_kernels_compile_for_sm90_without_spills(tmp_path):
+    out = tmp_path / "sm90.json"
+    proc = subprocess.run([sys.executable, "-m", "vpeft_kernels.sm90_check", "--json", str(out)], env=_env(),
+                          capture_output=True, text=True, timeout=3000, cwd=ROOT)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+        pytest.skip("Triton's ptxas is not available to compile for sm_90")
+    assert out.exists(), proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert len(results) > 100, f"only {len(results)} variants compiled"
+    # the MSTA variants in sm90_check.KNOWN_SPILLS still spill (not fixed yet); anything else fails
+    bad = [(r["label"], r["problems"]) for r in results if r["problems"] and not r["known_spill"]]
+    assert not bad, "sm_90 problems:\n" + "\n".join(f"{label}: {'; '.join(p)}" for label, p in bad)
+    assert all(r["arch"] == "sm_90a" for r in results)
+    # the 16-bit GEMM-shaped kernels must take Hopper's wgmma path
+    gemm16 = [r for r in results if r["label"].startswith(("_linear_kernel[bfloat16", "_up_kernel[bfloat16"))]
+    assert gemm16 and all(r["wgmma"] for r in gemm16)
+    assert proc.returncode == 0, proc.stdout[-3000:]
