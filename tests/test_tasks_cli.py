@@ -8,6 +8,7 @@ import torch
 from vpeft.cli import main
 from vpeft.data.synthetic import caption, render_video, write_synthetic
 from vpeft.engine.config import ConfigError, load_config
+from vpeft.engine.runlog import read_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +25,8 @@ def _args(synth, out, *extra, config="videotext_synthetic"):
 
 
 def _metrics(out):
-    with open(os.path.join(out, "metrics.json")) as f:
-        return json.load(f)
+    """The run's last evaluation record (metrics.jsonl, written by the engine for every task)."""
+    return [r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if r.get("split") == "val"][-1]
 
 
 def test_synthetic_writer_adds_captions_descriptions_and_splits(synth):
@@ -48,24 +49,25 @@ def test_few_shot_train_then_eval_with_adapters(synth, tmp_path, capsys):
                  f"task.temporal_descriptions={d['temporal_descriptions']}")]) == 0
     m = _metrics(out)
     assert m["train_videos"] == 8 and m["videos"] == 8 and 0.0 <= m["top1"] <= 100.0
-    assert os.path.isfile(os.path.join(out, "adapters.pt"))
+    assert os.path.isfile(os.path.join(out, "checkpoints", "latest"))
     capsys.readouterr()
-    assert main(["eval", "--task", "few_shot", "--adapters", os.path.join(out, "adapters.pt"),
+    assert main(["eval", "--task", "few_shot", "--adapters", out,
                  *_args(synth, str(tmp_path / "fs_eval"))]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["top1"] == pytest.approx(m["top1"])   # the saved adapters reproduce the run's evaluation
 
 
-def test_base_to_novel_and_zero_shot(synth, tmp_path):
+def test_base_to_novel_and_zero_shot(synth, tmp_path, capsys):
     out = str(tmp_path / "b2n")
-    assert main(["train", "--task", "base_to_novel", *_args(synth, out, "task.shots=2")]) == 0
+    assert main(["train", "--task", "base_to_novel", *_args(synth, out, "task.shots=2", "train.batch_size=4")]) == 0
     m = _metrics(out)
     assert m["train_classes"] == [0, 1] and m["train_videos"] == 4
     assert set(m) >= {"base", "novel", "hm"}
     out = str(tmp_path / "zs")
     splits = "[" + ",".join(synth["zero_shot_splits"]) + "]"
+    capsys.readouterr()
     assert main(["eval", "--task", "zero_shot", *_args(synth, out, f"task.splits={splits}")]) == 0
-    m = _metrics(out)
+    m = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(m["splits"]) == 3 and m["splits"][0]["videos"] == 6
 
 
@@ -79,13 +81,20 @@ def test_retrieval_train(synth, tmp_path):
     assert set(m["t2v"]) == {"R@1", "R@5", "R@10", "MdR", "MnR"}
 
 
-def test_task_config_errors():
+def test_task_config_errors(synth, tmp_path):
     with pytest.raises(ConfigError, match="task.name='fewshot'"):
         load_config("videotext_synthetic", ["task.name=fewshot"])
-    with pytest.raises(ConfigError, match="retrieval is Side4Video's"):
-        load_config("videotext_synthetic", ["task.name=retrieval"])
     with pytest.raises(ConfigError, match="task.shots must be a positive integer"):
         load_config("videotext_synthetic", ["task.shots=0"])
+    from vpeft.engine import Trainer
+    from vpeft.tasks import build_task
+    cfg = load_config("videotext_synthetic", _args(synth, str(tmp_path / "x"), "task.name=retrieval")[2:])
+    with pytest.raises(ConfigError, match="needs a VideoModel with a side network"):
+        Trainer(cfg, task=build_task(cfg), progress=False)
+    cfg = load_config("retrieval_synthetic", _args(synth, str(tmp_path / "y"), "task.name=few_shot",
+                                                   "task.shots=2")[2:])
+    with pytest.raises(ConfigError, match="side4video's video feature is not in it"):
+        Trainer(cfg, task=build_task(cfg), progress=False)
 
 
 def test_recognition_trainer_builds_viclip(synth, tmp_path, capsys):

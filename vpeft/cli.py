@@ -1,8 +1,10 @@
 """The ``vpeft`` command: ``demo``, ``train``, ``eval``, ``make-synthetic``.
 
-``train`` / ``eval`` run recognition with a classifier (the Trainer) by default; with
+``train`` / ``eval`` run recognition with a classifier by default; with
 ``--task zero_shot|few_shot|base_to_novel|retrieval`` (config key ``task.name``) they
-run a video-language task (:mod:`vpeft.tasks.runner`, one process).
+run a video-language task (:mod:`vpeft.tasks`). Every task runs in the same engine
+(:class:`vpeft.engine.Trainer`): torchrun, precision, accumulation, checkpoints and
+``--resume`` work the same for all of them.
 
 Multi-GPU (or multi-process CPU) training runs under torchrun, e.g.::
 
@@ -44,46 +46,37 @@ def _config(args) -> dict:
         extra["output_dir"] = args.output_dir
     if getattr(args, "device", None):
         extra["device"] = args.device
-    task = {}
     if getattr(args, "task", None):
-        task["name"] = args.task
-    if getattr(args, "adapters", None) and args.task not in (None, "recognition"):
-        task["adapters"] = args.adapters
-    if task:
-        extra["task"] = task
+        extra["task"] = {"name": args.task}
     return load_config(args.config, args.overrides, extra=extra)
 
 
-def _run_task(cfg, train: bool) -> int:
-    """The video-language tasks (zero_shot, few_shot, base_to_novel, retrieval): single process."""
-    from .tasks.runner import run_task
+def _trainer(cfg, info, args, *, resume, train: bool):
+    from .engine import Trainer
+    from .tasks import build_task
 
-    _setup_logging(0)
-    metrics = run_task(cfg, train=train)
-    print(json.dumps(metrics))
-    return 0
+    return Trainer(cfg, info, task=build_task(cfg, info), resume=resume, progress=not args.no_progress, train=train)
 
 
 def cmd_train(args) -> int:
-    from .engine import Trainer, init_distributed
+    from .engine import init_distributed
     from .engine.distributed import cleanup
 
     cfg = _config(args)
-    if cfg["task"]["name"] != "recognition":
-        return _run_task(cfg, train=True)
     info = init_distributed(cfg["device"])
     _setup_logging(info.rank)
     try:
         resume = None
         if args.resume is not None:
             resume = args.resume or cfg["output_dir"]
-        trainer = Trainer(cfg, info, resume=resume, progress=not args.no_progress)
+        trainer = _trainer(cfg, info, args, resume=resume, train=True)
         if info.is_main:
-            trainer.model.print_trainable_parameters()
+            trainer.video_model.print_trainable_parameters()
         summary = trainer.fit()
         if info.is_main:
             ev = summary["eval"]
-            print(json.dumps({"steps": summary["steps"], "skipped_videos": summary["skipped_videos"],
+            print(json.dumps({"task": cfg["task"]["name"], "steps": summary["steps"],
+                              "skipped_videos": summary["skipped_videos"],
                               "clips_per_s": round(summary["clips_per_s"], 2), "eval": ev}))
     finally:
         cleanup(info)
@@ -91,18 +84,18 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .engine import Trainer, init_distributed
+    from .engine import init_distributed
     from .engine.distributed import cleanup
 
     cfg = _config(args)
-    if cfg["task"]["name"] != "recognition":
-        return _run_task(cfg, train=False)
-    if not args.adapters:
-        raise ValueError("vpeft eval needs --adapters PATH for task recognition")
+    adapters = args.adapters or cfg["task"]["adapters"]
+    if not adapters and cfg["task"]["name"] != "zero_shot":
+        raise ValueError(f"vpeft eval needs --adapters PATH for task {cfg['task']['name']} (only zero_shot can "
+                         "evaluate the backbone as it is)")
     info = init_distributed(cfg["device"])
     _setup_logging(info.rank)
     try:
-        trainer = Trainer(cfg, info, resume=args.adapters, progress=not args.no_progress, train=False)
+        trainer = _trainer(cfg, info, args, resume=adapters, train=False)
         metrics = trainer.evaluate()
         if info.is_main:
             print(json.dumps(metrics))
@@ -157,9 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate trained adapter weights on data.val_list")
     common(e)
     e.add_argument("--adapters", metavar="PATH",
-                   help="a run directory, checkpoint directory or adapter .safetensors file (required for "
-                        "recognition; for the video-language tasks: an adapters.pt, or none to evaluate the "
-                        "backbone as it is, e.g. zero-shot)")
+                   help="a run directory, checkpoint directory or save_pretrained directory (required except "
+                        "for zero_shot, which can evaluate the backbone as it is)")
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("make-synthetic", help="write the synthetic motion dataset (mp4 files and list files)")
@@ -187,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``vpeft`` command."""
     from .data.lists import ListFileError
-    from .engine.build import PretrainedUnavailable
+    from .backbones.build import PretrainedUnavailable
     from .engine.config import ConfigError
 
     args = build_parser().parse_args(argv)

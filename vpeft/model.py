@@ -1,25 +1,17 @@
 """Drop-in adaptation of an open_clip model to video: :func:`adapt` and :class:`VideoModel`."""
 from __future__ import annotations
 
-from typing import Dict, Iterable, Iterator, Mapping, Optional, Set, Tuple
+from typing import Dict, Iterator, Mapping, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
 
 from .backbones.towers import TextTower, VisionTower, text_tower, vision_tower
-from .methods.msta import FusedMSTA, MSTABlock
-from .methods.side4video import SideHead, SideNetwork
-from .methods.st_adapter import PRESETS, STAdapter, STAdapterBlock
+from .methods import method_names
+from .methods.registry import InjectContext, MethodSpec, get_method
 
-METHODS = ("linear_probe", "full_finetune", "st_adapter", "msta", "side4video")
-
-_OPTIONS: Dict[str, Set[str]] = {
-    "linear_probe": {"dropout"},
-    "full_finetune": {"dropout"},
-    "st_adapter": {"preset", "bottleneck", "dropout"},
-    "msta": {"bottleneck", "layers", "scale", "adapter_dropout", "text", "dropout"},
-    "side4video": {"side_width", "side_layers", "fusion", "norm", "checkpointing", "stream", "pos_std", "dropout"},
-}
+METHODS = method_names()
+"""The methods shipped with vpeft (see :mod:`vpeft.methods.registry` for adding one)."""
 
 
 class ClassifierHead(nn.Module):
@@ -53,38 +45,43 @@ class VideoModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, method: str, num_frames: int, num_classes: Optional[int],
                  tower: VisionTower, text: Optional[TextTower], *, msta: Optional[nn.ModuleList] = None,
-                 side: Optional[SideNetwork] = None, head: Optional[nn.Module] = None):
+                 side: Optional[nn.Module] = None, head: Optional[nn.Module] = None,
+                 extra: Optional[nn.Module] = None, options: Optional[Dict] = None,
+                 frozen: Optional[Set[int]] = None):
         super().__init__()
         self.backbone = backbone
         self.method = method
         self.num_frames = num_frames
         self.num_classes = num_classes
+        self.options = dict(options or {})
         object.__setattr__(self, "tower", tower)
         object.__setattr__(self, "text_tower", text)
         self.msta = msta
         self.side = side
         self.head = head
+        self.extra = extra
         self.side_stream = False
+        # ids of the backbone's own modules (before injection): they stay in eval mode
+        self._frozen_ids = frozen if frozen is not None else {id(m) for m in backbone.modules()}
         self.train(False)
+
+    @property
+    def spec(self) -> MethodSpec:
+        """The registered method this model was built with."""
+        return get_method(self.method)
 
     # ------------------------------------------------------------------ modes
     def train(self, mode: bool = True):
-        """Set train mode on the trained parts; frozen backbone modules stay in eval."""
+        """Set train mode on the trained parts; the backbone's own modules stay in eval
+        (except when the method trains the backbone)."""
         super().train(mode)
-        if self.method != "full_finetune":
-            ours = {id(m) for part in self._trained_modules() for m in part.modules()}
+        if not self.spec.trains_backbone:
+            # the backbone's own modules, and the wrappers injected around them, stay in eval;
+            # injected modules that hold none of the backbone's (the adapters) follow ``mode``
             for m in self.backbone.modules():
-                if id(m) not in ours:
+                if id(m) in self._frozen_ids or any(id(c) in self._frozen_ids for c in m.modules()):
                     m.training = False
         return self
-
-    def _trained_modules(self) -> Iterable[nn.Module]:
-        for m in self.backbone.modules():
-            if isinstance(m, STAdapter):
-                yield m
-        for part in (self.msta, self.side, self.head):
-            if part is not None:
-                yield part
 
     # ------------------------------------------------------------------ input
     def _check_video(self, video: torch.Tensor) -> torch.Tensor:
@@ -123,7 +120,7 @@ class VideoModel(nn.Module):
         then the tower's final norm."""
         b, t = video.shape[:2]
         frames = video if self.tower.layout == "nt" else video.flatten(0, 1)
-        if self.method == "linear_probe":
+        if not self.spec.backbone_grad:
             with torch.no_grad():
                 x, _ = self._tokens(frames)
         else:
@@ -166,7 +163,7 @@ class VideoModel(nn.Module):
         if self.num_classes is None:
             return self.encode_video(video)
         video = self._check_video(video)
-        if self.method == "side4video":
+        if self.side is not None:
             return self.head(self._side_tokens(video))
         return self.head(self._pooled(video))
 
@@ -174,11 +171,12 @@ class VideoModel(nn.Module):
         """Video embedding ``(B, E)``.
 
         For the backbone-based methods: the pooled [CLS] feature through the tower's
-        projection (the joint image-text space). For ``side4video``: the side
-        network's pooled feature ``(B, d)`` (its own space; no projection).
+        projection (the joint image-text space). For a method with a side network
+        (``side4video``): the side network's pooled feature ``(B, d)`` (its own space;
+        no projection).
         """
         video = self._check_video(video)
-        if self.method == "side4video":
+        if self.side is not None:
             return self.head.features(self._side_tokens(video))
         return self.tower.project(self._pooled(video))
 
@@ -238,138 +236,52 @@ class VideoModel(nn.Module):
         return self
 
 
-def _check_layers(layers, depth_v: int, depth_t: Optional[int]) -> Tuple[int, int]:
-    if (not isinstance(layers, (tuple, list)) or len(layers) != 2
-            or not all(isinstance(i, int) for i in layers)):
-        raise ValueError(f"layers must be a (first, last) pair of 1-based ints, got {layers!r}")
-    first, last = layers
-    depth = depth_v if depth_t is None else min(depth_v, depth_t)
-    if not 1 <= first <= last <= depth:
-        where = f"vision depth {depth_v}" + ("" if depth_t is None else f", text depth {depth_t}")
-        raise ValueError(f"layers={tuple(layers)} is outside the model: expected 1 <= first <= last <= {depth} "
-                         f"({where})")
-    return first, last
-
-
-def _check_viclip(tower: VisionTower, method: str, num_frames: int) -> None:
-    """What each method means on ViCLIP (one [CLS] per clip, joint space-time attention).
-
-    ``linear_probe``, ``full_finetune``, ``msta`` (the paper's backbone; temporal
-    up-projection over the ``(n t)`` layout) and ``st_adapter`` (the same adapter on the
-    patch tokens, its temporal conv over the frames of each patch position, [CLS]
-    unchanged) are well defined. ``side4video`` is not: its ladder reads per-frame
-    features with a per-frame [CLS] (token shift, retrieval head), which ViCLIP does
-    not have.
-    """
-    if method == "side4video":
-        raise ValueError("side4video is not defined on ViCLIP: the side network's ladder, [CLS] token shift and "
-                         "retrieval head need per-frame features with a [CLS] token per frame, and ViCLIP has one "
-                         "[CLS] for the whole clip (joint space-time attention). Use an open_clip CLIP or EVA "
-                         "backbone for side4video, or msta/st_adapter on ViCLIP.")
-    if num_frames != tower.visual.num_frames:
-        raise ValueError(f"num_frames={num_frames} but this ViCLIP was built for {tower.visual.num_frames} frames "
-                         "(its temporal position embedding has that length)")
-
-
 def adapt(model: nn.Module, method: str, *, num_frames: int, num_classes: Optional[int] = None,
           **options) -> VideoModel:
     """Adapt an open_clip model (``open_clip.create_model(...)``) or a ViCLIP to video, in place.
 
     Args:
         model: an open_clip model with a native ViT or timm EVA vision tower, or a
-            :class:`vpeft.backbones.viclip.ViCLIP` (not with ``side4video``, see
-            :func:`_check_viclip`; ``num_frames`` must be the ViCLIP's own).
-        method: ``linear_probe``, ``full_finetune``, ``st_adapter``, ``msta`` or ``side4video``.
+            :class:`vpeft.backbones.viclip.ViCLIP` (``num_frames`` must be its own; not
+            with ``side4video``, which needs a [CLS] per frame).
+        method: a registered method (:func:`vpeft.methods.method_names`): ``linear_probe``,
+            ``full_finetune``, ``st_adapter``, ``msta``, ``side4video``, or one you registered.
         num_frames: ``T``, the number of frames every clip has.
         num_classes: add a classifier with this many classes (None: embeddings only).
-        **options: per method
-            - all: ``dropout`` (classifier dropout, 0.5).
-            - ``st_adapter``: ``preset`` ``"12x384"`` (before each MLP) or ``"24x384"``
-              (before attention and MLP), ``bottleneck`` (overrides r = 384).
-            - ``msta``: ``bottleneck`` (128), ``layers`` (1-based inclusive range applied to
-              both towers, default the last five vision layers), ``scale`` (0.005),
-              ``adapter_dropout`` (0.1), ``text`` (adapt the text tower, default True when
-              there is one).
-            - ``side4video``: ``side_width`` (320), ``side_layers`` (default the backbone
-              depth; must divide it), ``fusion`` (``"mean"``/``"sum"``), ``norm``
-              (``"pre"``/``"post"``, default from the backbone), ``checkpointing``,
-              ``pos_std``.
+        **options: the method's options; each method declares them with their defaults
+            in its registration (``vpeft.methods.get_method(method).options``), and an
+            unknown option is refused with the list. All methods take ``dropout``
+            (classifier dropout, 0.5).
 
     Returns:
         a :class:`VideoModel` that owns ``model``.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    unknown = sorted(set(options) - _OPTIONS[method])
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for method {method!r}; "
-                         f"expected some of {sorted(_OPTIONS[method])}")
-    if not isinstance(num_frames, int) or num_frames < 1:
+    spec = get_method(method)
+    opts = spec.resolve(options)
+    if not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1:
         raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
-    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+    if num_classes is not None and (not isinstance(num_classes, int) or isinstance(num_classes, bool)
+                                    or num_classes < 1):
         raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
-    if any(isinstance(m, (STAdapterBlock, MSTABlock)) for m in model.modules()):
+    if getattr(model, "_vpeft_adapted", False):
         raise ValueError("this model has already been adapted by vpeft; build a fresh model")
     tower = vision_tower(model)
     text = text_tower(model)
-    if tower.kind == "viclip":
-        _check_viclip(tower, method, num_frames)
+    if tower.kind == "viclip" and num_frames != tower.visual.num_frames:
+        raise ValueError(f"num_frames={num_frames} but this ViCLIP was built for {tower.visual.num_frames} frames "
+                         "(its temporal position embedding has that length)")
     p = next(model.parameters())
-    factory = dict(dtype=p.dtype)  # new modules are built on the backbone's device (see below)
-    dropout = float(options.get("dropout", 0.5))
-
-    model.requires_grad_(method == "full_finetune")
-    with torch.device(p.device):
-        return _build(model, method, num_frames, num_classes, tower, text, factory, dropout, options)
-
-
-def _build(model, method, num_frames, num_classes, tower, text, factory, dropout, options) -> VideoModel:
-    msta = side = head = None
-
-    if method == "st_adapter":
-        preset = options.get("preset", "12x384")
-        if preset not in PRESETS:
-            raise ValueError(f"unknown ST-Adapter preset {preset!r}; expected one of {tuple(PRESETS)}")
-        r = int(options.get("bottleneck", 384))
-        where = PRESETS[preset]
-        for i, blk in enumerate(tower.blocks):
-            a_attn = STAdapter(tower.width, r, num_frames, layout=tower.layout).to(**factory) \
-                if "attn" in where else None
-            a_mlp = STAdapter(tower.width, r, num_frames, layout=tower.layout).to(**factory) \
-                if "mlp" in where else None
-            tower.blocks[i] = STAdapterBlock(blk, tower.ops, a_attn, a_mlp)
-    elif method == "msta":
-        use_text = options.get("text", text is not None)
-        if use_text and text is None:
-            raise ValueError("text=True but this model has no text tower")
-        t = text if use_text else None
-        default = (max(1, tower.depth - 4), tower.depth)
-        first, last = _check_layers(options.get("layers", default), tower.depth, t.blocks.__len__() if t else None)
-        r = int(options.get("bottleneck", 128))
-        msta = nn.ModuleList()
-        for i in range(first - 1, last):
-            m = FusedMSTA(tower.width, t.width if t else None, r, num_frames,
-                          scale=float(options.get("scale", 0.005)),
-                          dropout=float(options.get("adapter_dropout", 0.1)), layout=tower.layout).to(**factory)
-            msta.append(m)
-            tower.blocks[i] = MSTABlock(tower.blocks[i], tower.ops, m, "vision")
-            if t is not None:
-                t.blocks[i] = MSTABlock(t.blocks[i], t.ops, m, "text")
-    elif method == "side4video":
-        norm = options.get("norm", "post" if tower.post_norm else "pre")
-        if norm not in ("pre", "post"):
-            raise ValueError(f"norm must be 'pre' or 'post', got {norm!r}")
-        if tower.patch_size[0] != tower.patch_size[1]:
-            raise ValueError(f"side4video needs square patches, got {tower.patch_size}")
-        side = SideNetwork(tower.width, tower.depth, int(options.get("side_width", 320)),
-                           int(options.get("side_layers", tower.depth)), num_frames, tower.patch_size[0],
-                           tower.num_patches, post_norm=(norm == "post"), fusion=options.get("fusion", "mean"),
-                           pos_std=options.get("pos_std"),
-                           checkpointing=bool(options.get("checkpointing", False))).to(**factory)
-        head = SideHead(side.pos.shape[1], num_classes, dropout, num_frames).to(**factory)
-
-    if head is None and num_classes is not None:
-        head = ClassifierHead(tower.width, num_classes, dropout).to(**factory)
-    vm = VideoModel(model, method, num_frames, num_classes, tower, text, msta=msta, side=side, head=head)
-    vm.side_stream = bool(options.get("stream", False)) and side is not None
+    frozen = {id(m) for m in model.modules()}
+    model.requires_grad_(spec.trains_backbone)
+    ctx = InjectContext(model=model, tower=tower, text=text, num_frames=num_frames, num_classes=num_classes,
+                        options=opts, factory=dict(dtype=p.dtype))
+    with torch.device(p.device):   # new modules are built on the backbone's device
+        parts = spec.inject(ctx)
+        head = parts.head
+        if head is None and num_classes is not None:
+            head = ClassifierHead(tower.width, num_classes, opts["dropout"]).to(dtype=p.dtype)
+    vm = VideoModel(model, spec.name, num_frames, num_classes, tower, text, msta=parts.msta, side=parts.side,
+                    head=head, extra=parts.extra, options=opts, frozen=frozen)
+    vm.side_stream = bool(parts.side_stream) and parts.side is not None
+    object.__setattr__(model, "_vpeft_adapted", True)
     return vm

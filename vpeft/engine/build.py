@@ -10,79 +10,14 @@ import torch
 from torch.utils.checkpoint import checkpoint as _ckpt
 from torch.utils.data import DataLoader
 
+from ..backbones.build import create_backbone
 from ..data import EpochSampler, TestTransform, TrainTransform, VideoDataset, collate, read_class_names, read_list
+from ..methods.registry import get_method
 from ..model import VideoModel, adapt
 from .config import ConfigError, flip_label_map
 from .distributed import DistInfo
 
 log = logging.getLogger("vpeft")
-
-# Small open_clip CLIP configs for CPU runs (the demo and tests). Built with
-# ``open_clip.CLIP(**cfg)``; everything else goes to ``open_clip.create_model``.
-TINY_BACKBONES: Dict[str, Dict[str, Any]] = {
-    "vpeft-tiny": dict(
-        embed_dim=64,
-        vision_cfg=dict(layers=4, width=96, patch_size=8, image_size=32, head_width=32),
-        text_cfg=dict(context_length=16, vocab_size=1000, width=64, heads=2, layers=2),
-    ),
-}
-
-
-class PretrainedUnavailable(RuntimeError):
-    """An open_clip pretrained tag could not be fetched (usually: no network)."""
-
-
-def create_backbone(name: str, pretrained: Optional[str] = None, checkpoint: Optional[str] = None):
-    """An open_clip model by name with random weights, a pretrained tag, or a local weights file.
-
-    Args:
-        name: an open_clip model name (``ViT-B-16``, ``ViT-L-14``, ``EVA02-E-14``...) or
-            a key of :data:`TINY_BACKBONES`.
-        pretrained: an open_clip pretrained tag (downloads; fails offline with a
-            :class:`PretrainedUnavailable` that points to ``checkpoint``).
-        checkpoint: a local weights file loaded with ``open_clip.load_checkpoint``.
-    """
-    import open_clip
-
-    if pretrained and checkpoint:
-        raise ConfigError("give either model.pretrained (an open_clip tag) or model.checkpoint (a local file), not both")
-    if name in TINY_BACKBONES:
-        if pretrained:
-            raise ConfigError(f"{name} is a vpeft test config with no pretrained weights; drop --pretrained")
-        model = open_clip.CLIP(**TINY_BACKBONES[name])
-    else:
-        if name not in open_clip.list_models():
-            raise ConfigError(f"unknown backbone {name!r}: not an open_clip model name nor one of "
-                              f"{sorted(TINY_BACKBONES)} (see open_clip.list_models())")
-        if pretrained:
-            from open_clip import pretrained as oc_pretrained
-
-            pcfg = oc_pretrained.get_pretrained_cfg(name, pretrained)
-            if not pcfg:
-                tags = oc_pretrained.list_pretrained_tags_by_model(name)
-                raise ConfigError(f"open_clip has no pretrained tag {pretrained!r} for {name}; known tags: {tags}. "
-                                  "For your own weights file use --checkpoint PATH")
-            try:  # fetch first (fails fast offline), build second
-                oc_pretrained.download_pretrained(pcfg)
-                model = open_clip.create_model(name, pretrained=pretrained)
-            except Exception as e:  # noqa: BLE001 - any download failure
-                raise PretrainedUnavailable(
-                    f"could not download open_clip weights {name!r} pretrained={pretrained!r} "
-                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). This machine may have no "
-                    f"network access: download the weights elsewhere and pass the local file with --checkpoint PATH "
-                    f"(model.checkpoint=PATH) instead.") from e
-        else:
-            model = open_clip.create_model(name, pretrained=None)
-    if checkpoint:
-        if not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f"backbone weights file {checkpoint!r} (model.checkpoint / --checkpoint) "
-                                    "does not exist")
-        import open_clip as oc
-
-        incompatible = oc.load_checkpoint(model, checkpoint)
-        log.info("loaded backbone weights from %s (%s)", checkpoint, incompatible)
-    return model
-
 
 def _checkpoint_block(block: torch.nn.Module) -> None:
     """Recompute ``block``'s activations in the backward pass (instance-level patch; state dict unchanged)."""
@@ -97,17 +32,40 @@ def _checkpoint_block(block: torch.nn.Module) -> None:
     block.forward = forward
 
 
-def build_model(cfg: Dict[str, Any], num_classes: int, device: torch.device) -> VideoModel:
-    """The backbone adapted by ``model.method`` with a ``num_classes`` classifier, on ``device``."""
+def backbone_from_config(cfg: Dict[str, Any], device: Optional[torch.device] = None) -> torch.nn.Module:
+    """The backbone ``model.backbone`` with ``model.pretrained`` / ``model.checkpoint`` (the one builder)."""
     m = cfg["model"]
-    from ..tasks.runner import build_backbone  # ViCLIP names and the text-capable tiny configs, else create_backbone
-    backbone = build_backbone(cfg)
+    return create_backbone(m["backbone"], pretrained=m["pretrained"], checkpoint=m["checkpoint"],
+                           num_frames=m["num_frames"], device=device)
+
+
+def method_spec(cfg: Dict[str, Any]):
+    """The registered method ``model.method`` (a ConfigError lists the registered ones)."""
+    try:
+        return get_method(cfg["model"]["method"])
+    except ValueError as e:
+        raise ConfigError(f"model.method: {e}") from None
+
+
+def build_video_model(cfg: Dict[str, Any], num_classes: Optional[int], device: torch.device) -> VideoModel:
+    """The backbone adapted by ``model.method`` (with a ``num_classes`` classifier, or none), on ``device``.
+
+    ``train.activation_checkpointing`` applies as the method declares: recomputing each
+    backbone block, or through the method's own ``checkpointing`` option.
+    """
+    m = cfg["model"]
+    spec = method_spec(cfg)
+    backbone = backbone_from_config(cfg)
     options = dict(m["options"])
-    if cfg["train"]["activation_checkpointing"] and m["method"] == "side4video":
+    ac = bool(cfg["train"]["activation_checkpointing"])
+    if ac and spec.checkpointing == "option":
         options["checkpointing"] = True
-    vm = adapt(backbone, m["method"], num_frames=m["num_frames"], num_classes=num_classes,
-               dropout=float(m["dropout"]), **options)
-    if cfg["train"]["activation_checkpointing"] and m["method"] in ("st_adapter", "msta", "full_finetune"):
+    try:
+        vm = adapt(backbone, spec.name, num_frames=m["num_frames"], num_classes=num_classes,
+                   dropout=float(m["dropout"]), **options)
+    except ValueError as e:
+        raise ConfigError(f"model.options: {e}") from None
+    if ac and spec.checkpointing == "blocks":
         for blk in vm.tower.blocks:
             _checkpoint_block(blk)
     return vm.to(device)

@@ -112,3 +112,52 @@ class MSTABlock(nn.Module):
         u = self.ops.first_norm(self.block, x)
         branch = self.msta.vision(u) if self.modality == "vision" else self.msta.text(u)
         return y + branch.to(y.dtype)
+
+
+# ---------------------------------------------------------------------- registration
+from .registry import InjectContext, Injected, MethodSpec, Option, register_method  # noqa: E402
+
+
+def _check_layers(layers, depth_v: int, depth_t: Optional[int]):
+    if (not isinstance(layers, (tuple, list)) or len(layers) != 2
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers)):
+        raise ValueError(f"layers must be a (first, last) pair of 1-based ints, got {layers!r}")
+    first, last = layers
+    depth = depth_v if depth_t is None else min(depth_v, depth_t)
+    if not 1 <= first <= last <= depth:
+        where = f"vision depth {depth_v}" + ("" if depth_t is None else f", text depth {depth_t}")
+        raise ValueError(f"layers={tuple(layers)} is outside the model: expected 1 <= first <= last <= {depth} "
+                         f"({where})")
+    return first, last
+
+
+def _inject(ctx: InjectContext) -> Injected:
+    """One :class:`FusedMSTA` per adapted layer, shared by the vision block and (with ``text``) the text block."""
+    tower, o = ctx.tower, ctx.options
+    use_text = ctx.text is not None if o["text"] is None else o["text"]
+    if use_text and ctx.text is None:
+        raise ValueError("text=True but this model has no text tower")
+    t = ctx.text if use_text else None
+    default = (max(1, tower.depth - 4), tower.depth)   # the last five vision layers
+    first, last = _check_layers(default if o["layers"] is None else o["layers"], tower.depth,
+                                len(t.blocks) if t else None)
+    msta = nn.ModuleList()
+    for i in range(first - 1, last):
+        m = FusedMSTA(tower.width, t.width if t else None, o["bottleneck"], ctx.num_frames, scale=o["scale"],
+                      dropout=o["adapter_dropout"], layout=tower.layout).to(**ctx.factory)
+        msta.append(m)
+        tower.blocks[i] = MSTABlock(tower.blocks[i], tower.ops, m, "vision")
+        if t is not None:
+            t.blocks[i] = MSTABlock(t.blocks[i], t.ops, m, "text")
+    return Injected(msta=msta)
+
+
+register_method(MethodSpec(
+    "msta",
+    {"bottleneck": Option(128, int, "bottleneck width r (must divide the vision width)"),
+     "layers": Option(None, (list, tuple), "1-based inclusive (first, last) layers of both towers; "
+                                           "None: the last five vision layers"),
+     "scale": Option(0.005, float, "adapter output scale s"),
+     "adapter_dropout": Option(0.1, float, "dropout on the shared bottleneck"),
+     "text": Option(None, bool, "adapt the text tower too (None: when the model has one)")},
+    inject=_inject, uses_text=True, find_unused_parameters=True))

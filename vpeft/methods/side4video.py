@@ -264,3 +264,40 @@ class SideHead(nn.Module):
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         return self.fc(self.drop(self.features(s)))
+
+
+# ---------------------------------------------------------------------- registration
+from .registry import InjectContext, Injected, MethodSpec, Option, register_method  # noqa: E402
+
+
+def _inject(ctx: InjectContext) -> Injected:
+    """A :class:`SideNetwork` reading the frozen tower's layers, and a :class:`SideHead` (always: its
+    pooling defines the video feature)."""
+    tower, o = ctx.tower, ctx.options
+    if tower.layout != "bt":
+        raise ValueError("side4video is not defined on ViCLIP: the side network's ladder, [CLS] token shift and "
+                         "retrieval head need per-frame features with a [CLS] token per frame, and ViCLIP has one "
+                         "[CLS] for the whole clip (joint space-time attention). Use an open_clip CLIP or EVA "
+                         "backbone for side4video, or msta/st_adapter on ViCLIP.")
+    norm = o["norm"] or ("post" if tower.post_norm else "pre")
+    if tower.patch_size[0] != tower.patch_size[1]:
+        raise ValueError(f"side4video needs square patches, got {tower.patch_size}")
+    side = SideNetwork(tower.width, tower.depth, o["side_width"], o["side_layers"] or tower.depth, ctx.num_frames,
+                       tower.patch_size[0], tower.num_patches, post_norm=(norm == "post"), fusion=o["fusion"],
+                       pos_std=o["pos_std"], checkpointing=o["checkpointing"]).to(**ctx.factory)
+    head = SideHead(side.pos.shape[1], ctx.num_classes, o["dropout"], ctx.num_frames).to(**ctx.factory)
+    return Injected(side=side, head=head, side_stream=o["stream"])
+
+
+register_method(MethodSpec(
+    "side4video",
+    {"side_width": Option(320, int, "side network width d (a multiple of 64)"),
+     "side_layers": Option(None, int, "side blocks l (must divide the backbone depth; None: the depth)"),
+     "fusion": Option("mean", str, "ladder fusion: mean (released code) or sum (paper Eq. 2)",
+                      choices=("mean", "sum")),
+     "norm": Option(None, str, "pre (CLIP) or post (EVA) ladder/side norms; None: from the backbone",
+                    choices=("pre", "post")),
+     "checkpointing": Option(False, bool, "activation checkpointing of the side sub-blocks"),
+     "stream": Option(False, bool, "advance the frozen tower level by level (lower peak memory)"),
+     "pos_std": Option(None, float, "init std of the position embedding (None: 0.01 CLIP, 0.02 EVA)")},
+    inject=_inject, checkpointing="option", backbone_grad=False, joint_space=False))

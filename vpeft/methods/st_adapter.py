@@ -89,3 +89,32 @@ class STAdapterBlock(nn.Module):
         if self.adapter_mlp is not None:
             x = self.adapter_mlp(x)
         return x + self.ops.mlp(self.block, x, kw)
+
+
+# ---------------------------------------------------------------------- registration
+from .registry import InjectContext, Injected, MethodSpec, Option, register_method  # noqa: E402
+
+
+def _inject(ctx: InjectContext) -> Injected:
+    """ST-Adapters before each block's MLP (``12x384``) or before attention and MLP (``24x384``)."""
+    tower, o = ctx.tower, ctx.options
+    where = PRESETS[o["preset"]]
+    r = o["bottleneck"]
+    if r < 1:
+        raise ValueError(f"option bottleneck={r} of method 'st_adapter' must be a positive int")
+
+    def make():
+        return STAdapter(tower.width, r, ctx.num_frames, layout=tower.layout).to(**ctx.factory)
+
+    for i, blk in enumerate(tower.blocks):
+        tower.blocks[i] = STAdapterBlock(blk, tower.ops, make() if "attn" in where else None,
+                                         make() if "mlp" in where else None)
+    return Injected()
+
+
+register_method(MethodSpec(
+    "st_adapter",
+    {"preset": Option("12x384", str, "adapter placement: 12x384 (before each MLP) or 24x384 (attention and MLP)",
+                      choices=tuple(PRESETS)),
+     "bottleneck": Option(384, int, "bottleneck width r")},
+    inject=_inject))

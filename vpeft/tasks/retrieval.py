@@ -24,7 +24,7 @@ Metrics: :func:`retrieval_metrics` (R@1, R@5, R@10, median and mean rank).
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -129,8 +129,10 @@ class RetrievalModel(nn.Module):
 
     def __init__(self, video_model: VideoModel, train_text: bool = False):
         super().__init__()
-        if not isinstance(video_model, VideoModel) or video_model.method != "side4video":
-            raise ValueError("RetrievalModel needs a VideoModel built with method='side4video'")
+        if not isinstance(video_model, VideoModel) or video_model.side is None:
+            method = getattr(video_model, "method", type(video_model).__name__)
+            raise ValueError(f"RetrievalModel needs a VideoModel with a side network (method='side4video'), "
+                             f"got {method!r}")
         if video_model.tower.layout != "bt":
             raise ValueError("the retrieval head needs per-frame [CLS] tokens (a per-frame CLIP/EVA tower)")
         if video_model.text_tower is None:
@@ -149,12 +151,42 @@ class RetrievalModel(nn.Module):
 
     def trainable_parameters(self) -> List[nn.Parameter]:
         """Side network, retrieval head, matching MLPs (and the text tower with ``train_text``)."""
-        params = list(self.video_model.side.parameters()) + list(self.head.parameters()) + \
-            list(self.matching.parameters())
-        if self.train_text:
-            params += [q for n, q in self.video_model.backbone.named_parameters()
-                       if not n.startswith("visual.") and n != "logit_scale"]
-        return params
+        return list(self.video_model.side.parameters()) + list(self.head.parameters()) + \
+            list(self.matching.parameters()) + self.text_parameters()
+
+    def text_parameters(self) -> List[nn.Parameter]:
+        """The text tower's trained parameters (empty unless ``train_text``)."""
+        if not self.train_text:
+            return []
+        return [q for n, q in self.video_model.backbone.named_parameters()
+                if not n.startswith("visual.") and n != "logit_scale"]
+
+    def trained_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Only the trained weights: ``video_model.*`` (side network; with ``train_text`` the text
+        tower too), ``head.*`` and ``matching.*``."""
+        out = {"video_model." + k: v for k, v in self.video_model.adapter_state_dict().items()}
+        text = {id(q) for q in self.text_parameters()}
+        for n, q in self.video_model.backbone.named_parameters():
+            if id(q) in text:
+                out["video_model.backbone." + n] = q.detach()
+        out.update({"head." + k: v for k, v in self.head.state_dict().items()})
+        out.update({"matching." + k: v for k, v in self.matching.state_dict().items()})
+        return out
+
+    def load_trained_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load :meth:`trained_state_dict`'s output; a missing or unexpected key is an error naming it."""
+        own = set(self.trained_state_dict())
+        missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
+        if missing or unexpected:
+            raise ValueError(f"retrieval weights do not match this model: missing {missing[:8]}, "
+                             f"unexpected {unexpected[:8]}")
+        vm = {k[len("video_model."):]: v for k, v in state.items() if k.startswith("video_model.")}
+        text = {k[len("backbone."):]: v for k, v in vm.items() if k.startswith("backbone.")}
+        self.video_model.load_adapter_state_dict({k: v for k, v in vm.items() if not k.startswith("backbone.")})
+        if text:
+            self.video_model.backbone.load_state_dict(text, strict=False)
+        self.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+        self.matching.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("matching.")})
 
     def train(self, mode: bool = True):
         super().train(mode)
