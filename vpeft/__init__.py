@@ -11,9 +11,10 @@ Quick start::
 Ops run fused (Triton / C++ extension) where available and fall back to eager
 PyTorch otherwise; see :func:`vpeft_kernels.backend_status`.
 """
-from .methods import FusedMSTA, SideNetwork, STAdapter
+from ._version import __version__
+from .loading import from_pretrained
+from .methods import FusedMSTA, SideNetwork, STAdapter, register_method
 from .model import METHODS, VideoModel, adapt
 
-__version__ = "0.1.0"
-
-__all__ = ["adapt", "VideoModel", "METHODS", "STAdapter", "FusedMSTA", "SideNetwork", "__version__"]
+__all__ = ["adapt", "from_pretrained", "register_method", "VideoModel", "METHODS", "STAdapter", "FusedMSTA",
+           "SideNetwork", "__version__"]

@@ -1,7 +1,7 @@
 """Drop-in adaptation of an open_clip model to video: :func:`adapt` and :class:`VideoModel`."""
 from __future__ import annotations
 
-from typing import Dict, Iterator, Mapping, Optional, Set, Tuple
+from typing import Dict, Iterator, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -61,6 +61,8 @@ class VideoModel(nn.Module):
         self.head = head
         self.extra = extra
         self.side_stream = False
+        self.backbone_name: Optional[str] = None   # set by the builder that made the backbone by name
+        self.classes: Optional[list] = None        # class names, when known (saved with the weights)
         # ids of the backbone's own modules (before injection): they stay in eval mode
         self._frozen_ids = frozen if frozen is not None else {id(m) for m in backbone.modules()}
         self.train(False)
@@ -214,6 +216,22 @@ class VideoModel(nn.Module):
         """Only the trained weights (adapters, side network, head, and their buffers)."""
         keys = self._trained_keys()
         return {k: v for k, v in self.state_dict().items() if k in keys}
+
+    def save_pretrained(self, directory: str, *, classes: Optional[Sequence[str]] = None,
+                        backbone_name: Optional[str] = None) -> str:
+        """Write ``adapter_config.json`` (method, options, num_frames, classes, backbone name and
+        weight fingerprint, vpeft version) and ``adapter_model.safetensors`` (only the trained
+        weights) into ``directory``; rebuild with :func:`vpeft.from_pretrained`."""
+        from .pretrained import save_pretrained
+
+        return save_pretrained(directory, self.pretrained_config(classes, backbone_name), self.adapter_state_dict())
+
+    def pretrained_config(self, classes: Optional[Sequence[str]] = None, backbone_name: Optional[str] = None) -> Dict:
+        """The ``adapter_config.json`` record of this model (see :mod:`vpeft.pretrained`)."""
+        from .pretrained import adapter_config
+
+        return adapter_config(self, classes=classes if classes is not None else self.classes,
+                              backbone_name=backbone_name)
 
     def load_adapter_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
         """Load weights saved by :meth:`adapter_state_dict`.

@@ -68,6 +68,7 @@ def build_video_model(cfg: Dict[str, Any], num_classes: Optional[int], device: t
     if ac and spec.checkpointing == "blocks":
         for blk in vm.tower.blocks:
             _checkpoint_block(blk)
+    vm.backbone_name = m["backbone"]
     return vm.to(device)
 
 

@@ -2,8 +2,11 @@
 
 A checkpoint is a directory ``checkpoints/step_00000120/`` holding
 
-* ``adapter.safetensors``: :meth:`VideoModel.adapter_state_dict` (adapters, side network,
-  head and their buffers; never the frozen backbone), with the run config as metadata;
+* ``adapter_model.safetensors``: the task's trained weights (for recognition
+  :meth:`VideoModel.adapter_state_dict`: adapters, side network, head and their buffers;
+  never the frozen backbone), with the run config as metadata, and
+  ``adapter_config.json`` describing them: a checkpoint is also a ``save_pretrained``
+  directory (:mod:`vpeft.pretrained`), loadable with ``vpeft.from_pretrained``;
 * ``state.pt``: step and epoch position, optimizer, scheduler, grad-scaler and every
   rank's RNG states;
 * ``config.yaml``: the run configuration.
@@ -23,7 +26,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from safetensors.torch import load_file, save_file
 
-WEIGHTS = "adapter.safetensors"
+WEIGHTS = "adapter_model.safetensors"   # the save_pretrained names (vpeft.pretrained)
+ADAPTER_CONFIG = "adapter_config.json"
 STATE = "state.pt"
 POINTER = "latest"
 
@@ -64,8 +68,10 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def save_checkpoint(ckpt_dir: str, step: int, weights: Dict[str, torch.Tensor], state: Dict[str, Any],
-                    config_yaml: str, keep: int = 2) -> str:
+                    config_yaml: str, keep: int = 2, adapter_config: Optional[str] = None) -> str:
     """Write checkpoint ``step`` under ``ckpt_dir`` atomically; return its directory.
+
+    ``adapter_config`` (JSON text) is written as ``adapter_config.json`` next to the weights.
 
     Older checkpoints beyond the newest ``keep`` are removed after the pointer moves.
     """
@@ -83,7 +89,12 @@ def save_checkpoint(ckpt_dir: str, step: int, weights: Dict[str, torch.Tensor], 
         torch.save(state, os.path.join(tmp, STATE))
         with open(os.path.join(tmp, "config.yaml"), "w") as f:
             f.write(config_yaml)
-        for fn in (WEIGHTS, STATE, "config.yaml"):
+        files = [WEIGHTS, STATE, "config.yaml"]
+        if adapter_config is not None:
+            with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
+                f.write(adapter_config)
+            files.append(ADAPTER_CONFIG)
+        for fn in files:
             _fsync_file(os.path.join(tmp, fn))
         os.rename(tmp, final)
     except BaseException:
@@ -141,10 +152,4 @@ def load_state(ckpt: str) -> Dict[str, Any]:
     return torch.load(os.path.join(find_checkpoint(ckpt), STATE), map_location="cpu", weights_only=False)
 
 
-def summary(ckpt: str) -> Dict[str, Any]:
-    """Small description of a checkpoint (for logs)."""
-    st = load_state(ckpt)
-    return {"path": find_checkpoint(ckpt), "step": st.get("step"), "epoch": st.get("epoch")}
-
-
-__all__ = ["save_checkpoint", "find_checkpoint", "load_weights", "load_state", "atomic_write_text", "summary"]
+__all__ = ["save_checkpoint", "find_checkpoint", "load_weights", "load_state", "atomic_write_text"]

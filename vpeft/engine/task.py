@@ -87,6 +87,10 @@ class Task:
         """Load :meth:`state_dict`'s output (strict: a mismatch names the keys)."""
         self.video_model(model).load_adapter_state_dict(state)
 
+    def pretrained_config(self, model: nn.Module) -> Dict[str, Any]:
+        """The ``adapter_config.json`` record saved next to :meth:`state_dict`'s weights."""
+        return self.video_model(model).pretrained_config(classes=self.classes())
+
     def classes(self) -> Optional[List[str]]:
         """Class names saved with the weights (for ``vpeft predict``), or None."""
         return None

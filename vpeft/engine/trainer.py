@@ -9,6 +9,7 @@ metrics.jsonl / TensorBoard and progress bars.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -170,7 +171,17 @@ class Trainer:
         self.loader, self.sampler = build_loader(self.train_ds, self.per_rank, self.info, self.cfg, train=True)
 
     def _resume(self, path: str, train: bool):
-        weights, saved_cfg_text = ckpt.load_weights(path)
+        from ..pretrained import WEIGHTS_NAME, is_pretrained_dir, read_adapter_config
+
+        if not train and is_pretrained_dir(path) and not os.path.isfile(os.path.join(path, ckpt.STATE)):
+            # a save_pretrained directory: weights only
+            saved = read_adapter_config(path)
+            for key, mine in (("method", self.video_model.method), ("num_frames", self.video_model.num_frames)):
+                if saved[key] != mine:
+                    raise ConfigError(f"{path} holds weights for {key}={saved[key]!r}, this run has {key}={mine!r}")
+            weights, saved_cfg_text = ckpt.load_weights(os.path.join(path, WEIGHTS_NAME))
+        else:
+            weights, saved_cfg_text = ckpt.load_weights(path)
         if saved_cfg_text:
             import yaml
 
@@ -216,7 +227,8 @@ class Trainer:
         self._saved_step = self.global_step
         path = ckpt.save_checkpoint(os.path.join(out_dir, "checkpoints"), self.global_step,
                                     self.task.state_dict(self.model), state, dump(self.cfg),
-                                    keep=int(self.cfg["train"]["keep_checkpoints"]))
+                                    keep=int(self.cfg["train"]["keep_checkpoints"]),
+                                    adapter_config=json.dumps(self.task.pretrained_config(self.model), indent=2))
         log.info("saved checkpoint %s", path)
 
     # ------------------------------------------------------------------ training

@@ -278,6 +278,9 @@ class RetrievalTask(Task):
     def load_state_dict(self, model, state):
         model.load_trained_state_dict(state)
 
+    def pretrained_config(self, model):
+        return model.pretrained_config()
+
     @torch.no_grad()
     def evaluate(self, model, device, autocast, progress=False):
         """Embed each distinct video of ``data.val_list`` once (first test view), every caption once."""

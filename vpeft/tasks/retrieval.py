@@ -188,6 +188,19 @@ class RetrievalModel(nn.Module):
         self.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
         self.matching.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("matching.")})
 
+    def pretrained_config(self) -> Dict:
+        """The ``adapter_config.json`` record of this model (kind ``retrieval``)."""
+        from ..pretrained import adapter_config
+
+        return adapter_config(self.video_model, kind="retrieval", extra={"train_text": self.train_text})
+
+    def save_pretrained(self, directory: str) -> str:
+        """``adapter_config.json`` and ``adapter_model.safetensors`` with :meth:`trained_state_dict`;
+        rebuild with :func:`vpeft.from_pretrained`."""
+        from ..pretrained import save_pretrained
+
+        return save_pretrained(directory, self.pretrained_config(), self.trained_state_dict())
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.video_model.train(mode)
