@@ -106,3 +106,73 @@ def test_recognition_trainer_builds_viclip(synth, tmp_path, capsys):
                  f"output_dir={tmp_path / 'rec'}", "--device", "cpu", "--no-progress"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["eval"]["videos"] == 8
+
+
+def _task_cfg(synth, out, config, *extra):
+    d = synth
+    ov = [f"data.root={d['root']}", f"data.class_names={d['class_names']}", "model.num_frames=4",
+          "train.epochs=2", "train.batch_size=4", "train.log_every=1", "train.eval_every=0", f"output_dir={out}"]
+    if config == "retrieval_synthetic":
+        ov += [f"data.train_list={d['train_captions']}", f"data.val_list={d['val_captions']}", "train.epochs=1"]
+    else:
+        ov += [f"data.train_list={d['train_list']}", f"data.val_list={d['val_list']}", "task.shots=2",
+               "model.options.adapter_dropout=0.0"]
+    return load_config(config, [*ov, *extra])
+
+
+def _train_losses(out):
+    return [r["loss"] for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if r.get("split") == "train"]
+
+
+def _run_in_process(cfg, resume=None):
+    from vpeft.engine import Trainer
+    from vpeft.tasks import build_task
+
+    return Trainer(cfg, task=build_task(cfg), progress=False, resume=resume).fit()
+
+
+def _torchrun(cfg, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vpeft.cli",
+           "train", "--config", str(path), "--no-progress"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_few_shot_msta_torchrun_and_resume_follow_one_process(synth, tmp_path):
+    """Few-shot MSTA (no dropout): 2 gloo processes and a run stopped mid-epoch then resumed give the
+    loss curve of one uninterrupted process (same global batch of 4)."""
+    one = _task_cfg(synth, str(tmp_path / "one"), "videotext_synthetic")
+    full = _run_in_process(one)
+    ref = [h["loss"] for h in full["history"]]
+    assert len(ref) == 4                                      # 8 shots / batch 4 = 2 steps x 2 epochs
+    _run_in_process(_task_cfg(synth, str(tmp_path / "cut"), "videotext_synthetic", "train.stop_at_step=1"))
+    rest = _run_in_process(_task_cfg(synth, str(tmp_path / "cut"), "videotext_synthetic"), resume=str(tmp_path / "cut"))
+    assert [h["loss"] for h in rest["history"]] == pytest.approx(ref, rel=1e-5, abs=1e-6)
+    _torchrun(_task_cfg(synth, str(tmp_path / "two"), "videotext_synthetic"), tmp_path)
+    assert _train_losses(str(tmp_path / "two")) == pytest.approx(ref, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_retrieval_torchrun_follows_one_process(synth, tmp_path):
+    """Retrieval under 2 gloo processes: the contrastive loss is over the gathered global batch, so the
+    first step's loss equals one process's (to float rounding); later steps differ through Side4Video's
+    BatchNorm statistics, which each rank takes over its own half batch (no SyncBatchNorm on CPU):
+    measured up to 4.9 % by step 4 here, so the later steps are held to 8 %."""
+    full = _run_in_process(_task_cfg(synth, str(tmp_path / "one"), "retrieval_synthetic"))
+    ref = [h["loss"] for h in full["history"]]
+    _torchrun(_task_cfg(synth, str(tmp_path / "two"), "retrieval_synthetic"), tmp_path)
+    two = _train_losses(str(tmp_path / "two"))
+    print("retrieval losses, 1 process:", ref, "2 processes:", two)
+    assert len(two) == len(ref) == 4
+    assert two[0] == pytest.approx(ref[0], rel=1e-5)
+    assert two == pytest.approx(ref, rel=8e-2)

@@ -34,6 +34,9 @@ class Task:
     """
 
     name = "task"
+    find_unused_parameters = False
+    """Whether some trained parameters get no gradient from :meth:`loss` (DDP must look for them),
+    beyond what the method itself declares."""
 
     def __init__(self, cfg: Dict[str, Any], info: Optional[DistInfo] = None):
         self.cfg = cfg

@@ -167,7 +167,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.step_module, device_ids=ids,
-                find_unused_parameters=self.video_model.spec.find_unused_parameters)
+                find_unused_parameters=self.video_model.spec.find_unused_parameters or self.task.find_unused_parameters)
         self.loader, self.sampler = build_loader(self.train_ds, self.per_rank, self.info, self.cfg, train=True)
 
     def _resume(self, path: str, train: bool):

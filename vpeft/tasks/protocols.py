@@ -228,6 +228,7 @@ class RetrievalTask(Task):
     """Text-video retrieval with a side network's frame embeddings and token-wise matching."""
 
     name = "retrieval"
+    find_unused_parameters = True   # the side network's recognition head (SideHead) is not used here
 
     def check(self, train):
         if int(self.cfg["train"]["batch_size"]) // int(self.cfg["train"]["grad_accum"]) < 2:
