@@ -1,4 +1,4 @@
-"""The ``vpeft`` command: ``demo``, ``train``, ``eval``, ``make-synthetic``.
+"""The ``vpeft`` command: ``demo``, ``train``, ``eval``, ``predict``, ``make-synthetic``.
 
 ``train`` / ``eval`` run recognition with a classifier by default; with
 ``--task zero_shot|few_shot|base_to_novel|retrieval`` (config key ``task.name``) they
@@ -104,6 +104,27 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from .predict import predict
+
+    try:
+        clips, crops = (int(x) for x in args.views.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--views {args.views!r}: expected CLIPSxCROPS such as 1x1 or 4x3") from None
+    records = predict(args.videos, args.adapters, topk=args.topk, clips=clips, crops=crops, device=args.device)
+    for r in records:
+        if args.json:
+            print(json.dumps(r))
+        elif "error" in r:
+            print(f"{r['video']}: skipped: {r['error']}", file=sys.stderr)
+        else:
+            print(f"{r['video']}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in r["top"]))
+    bad = [r["video"] for r in records if "error" in r]
+    if bad and not args.json:
+        print(f"vpeft predict: {len(bad)} of {len(records)} video(s) could not be read: {bad}", file=sys.stderr)
+    return 1 if len(bad) == len(records) else 0
+
+
 def cmd_make_synthetic(args) -> int:
     from .data.synthetic import write_synthetic
 
@@ -153,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a run directory, checkpoint directory or save_pretrained directory (required except "
                         "for zero_shot, which can evaluate the backbone as it is)")
     e.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("predict", help="top-k classes of video files with trained weights")
+    pr.add_argument("videos", nargs="+", metavar="VIDEO")
+    pr.add_argument("--adapters", required=True, metavar="DIR",
+                    help="a save_pretrained directory, a checkpoint directory or a run directory")
+    pr.add_argument("--topk", type=int, default=5)
+    pr.add_argument("--views", default="1x1", metavar="CLIPSxCROPS", help="test views per video, e.g. 4x3")
+    pr.add_argument("--json", action="store_true", help="one JSON object per video")
+    pr.add_argument("--device", default=None, help="cpu or cuda (default: where the model is built)")
+    pr.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("make-synthetic", help="write the synthetic motion dataset (mp4 files and list files)")
     s.add_argument("out_dir")
