@@ -47,7 +47,7 @@ def test_a_method_registered_here_adapts_a_model():
     with pytest.raises(ValueError, match="already registered"):
         register_method(MethodSpec("toy_gain", {}, inject=_inject))
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['gian'\] for method 'toy_gain'; its options "
-                                         r"are: dropout \(default 0.5\), init \(default 1.0\)"):
+                                         r"are: backend \(default None\), dropout \(default 0.5\), init \(default 1.0\)"):
         vpeft.adapt(tiny_clip(), "toy_gain", num_frames=2, gian=1.0)
 
 
@@ -64,66 +64,27 @@ def test_option_types_and_builtin_flags():
     assert get_method("full_finetune").trains_backbone and not get_method("linear_probe").backbone_grad
 
 
-def _module_name(path):
-    rel = os.path.relpath(path, ROOT)[:-3].split(os.sep)
-    return ".".join(rel[:-1] if rel[-1] == "__init__" else rel)
+@pytest.mark.parametrize("method,options", [("st_adapter", {"bottleneck": 16}), ("msta", {"bottleneck": 16}),
+                                            ("side4video", {"side_width": 64, "side_layers": 2})])
+def test_backend_option_reaches_every_op_and_is_recorded(method, options):
+    """``backend=`` is passed through to every op the method's modules call; the recorder reads what ran."""
+    from conftest import tiny_clip
+    from vpeft.methods.ops import record_backends
+    from vpeft_kernels import _backend
 
+    vm = vpeft.adapt(tiny_clip(), method, num_frames=2, num_classes=3, backend="eager", **options)
+    seen = {}
+    with record_backends(seen):
+        vm(torch.randn(2, 2, 3, 32, 32))
+        if method == "msta":
+            vm.encode_text(torch.randint(1, 100, (2, 16)))
+    expected = {"st_adapter": {"st_adapter"}, "msta": {"msta_adapter"},
+                "side4video": {"ladder_projection", "token_shift_attention"}}[method]
+    assert set(seen) == expected and all(b == {"eager"} for b in seen.values()), seen
+    if method == "side4video" and _backend.backend_status()["extension"].startswith("available"):
+        from vpeft.methods.side4video import LadderProjection   # the compiled extension, chosen by name
 
-def _imports(path, name):
-    """vpeft modules that ``path`` imports anywhere (module level or inside functions)."""
-    is_pkg = path.endswith("__init__.py")
-    tree = ast.parse(open(path).read())
-    out = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            out.update(a.name for a in node.names if a.name.split(".")[0] == "vpeft")
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = name.split(".")
-                base = base[:len(base) - node.level + (1 if is_pkg else 0)]
-                mod = ".".join(base + ([node.module] if node.module else []))
-            else:
-                mod = node.module or ""
-            if mod.split(".")[0] != "vpeft":
-                continue
-            if node.module:
-                out.add(mod)
-            for a in node.names:          # `from . import config` imports the submodule
-                out.add(f"{mod}.{a.name}")
-    return out
-
-
-def _graph():
-    files = {}
-    for d, _, names in os.walk(os.path.join(ROOT, "vpeft")):
-        for n in names:
-            if n.endswith(".py"):
-                files[_module_name(os.path.join(d, n))] = os.path.join(d, n)
-    return {m: {i for i in _imports(p, m) if i in files and i != m} for m, p in files.items()}
-
-
-def test_import_graph_has_no_circle():
-    graph = _graph()
-    assert "vpeft.engine.trainer" in graph and "vpeft.tasks.protocols" in graph
-    state, stack, cycles = {}, [], []
-
-    def visit(m):
-        state[m] = 1
-        stack.append(m)
-        for n in sorted(graph[m]):
-            if n == "vpeft" or m == "vpeft":
-                continue   # the package's __init__ re-exports; nothing inside imports it
-            if state.get(n) == 1:
-                cycles.append(stack[stack.index(n):] + [n])
-            elif n not in state:
-                visit(n)
-        stack.pop()
-        state[m] = 2
-
-    for m in sorted(graph):
-        if m not in state:
-            visit(m)
-    assert not cycles, "import circles: " + "; ".join(" -> ".join(c) for c in cycles)
-    assert not any("vpeft" in graph[m] for m in graph if m != "vpeft"), "a module imports the vpeft package"
-    assert graph["vpeft.engine.config"] == set(), graph["vpeft.engine.config"]
-    assert "vpeft.tasks" not in {i.rsplit(".", 1)[0] for i in graph["vpeft.engine.trainer"]}
+        seen = {}
+        with record_backends(seen):
+            LadderProjection(2, 8, 4, backend="extension")([torch.randn(3, 8), torch.randn(3, 8)])
+        assert seen == {"ladder_projection": {"extension"}}

@@ -129,22 +129,12 @@ def flash_attn_status() -> str:
 
 @contextlib.contextmanager
 def record_op_backends(seen: Dict[str, set]) -> Iterator[None]:
-    """Record which backend every vpeft op call dispatched to (``{op: {backend, ...}}``)."""
-    from vpeft_kernels import _backend
+    """Record which backend every vpeft op call dispatched to (``{op: {backend, ...}}``), as
+    :func:`vpeft_kernels._backend.chosen_backend` reports it for each call's inputs."""
+    from .methods.ops import record_backends
 
-    original = _backend.select
-
-    def select(op, backend, *args, **kwargs):
-        fn = original(op, backend, *args, **kwargs)
-        names = [b for b, impl in _backend._REGISTRY[op].items() if impl.fn is fn]
-        seen.setdefault(op, set()).update(names or ["?"])
-        return fn
-
-    _backend.select = select
-    try:
+    with record_backends(seen):
         yield
-    finally:
-        _backend.select = original
 
 
 @contextlib.contextmanager

@@ -7,9 +7,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-import vpeft_kernels
-
 from ..backbones.towers import BlockOps
+from . import ops
 
 
 class FusedMSTA(nn.Module):
@@ -32,8 +31,10 @@ class FusedMSTA(nn.Module):
     """
 
     def __init__(self, vision_width: int, text_width: Optional[int] = None, bottleneck: int = 128,
-                 num_frames: int = 8, scale: float = 0.005, dropout: float = 0.1, layout: str = "bt"):
+                 num_frames: int = 8, scale: float = 0.005, dropout: float = 0.1, layout: str = "bt",
+                 backend: Optional[str] = None):
         super().__init__()
+        self.backend = backend   # the op backend (None: VPEFT_BACKEND, else auto)
         if layout not in ("bt", "nt"):
             raise ValueError(f"layout must be 'bt' (per-frame tokens) or 'nt' (ViCLIP clip tokens), got {layout!r}")
         self.layout = layout
@@ -72,18 +73,20 @@ class FusedMSTA(nn.Module):
 
     def vision(self, u: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         """Vision branch on normalised tokens ``u`` in this layer's ``layout``."""
-        return vpeft_kernels.msta_adapter(
-            u, self.vision_down.weight, self.vision_down.bias, self.shared.weight, self.shared.bias,
+        return ops.call(
+            "msta_adapter", u, self.vision_down.weight, self.vision_down.bias, self.shared.weight, self.shared.bias,
             self.vision_up.weight, self.vision_up.bias, self.vision_tconv_weight, self.vision_tconv_bias,
-            scale=self.scale, num_frames=self.num_frames, dropout_p=self._p(), layout=self.layout, backend=backend)
+            scale=self.scale, num_frames=self.num_frames, dropout_p=self._p(), layout=self.layout,
+            backend=self.backend if backend is None else backend)
 
     def text(self, u: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         """Text branch on normalised tokens ``u`` ``(B, L, D_t)``."""
         if self.text_down is None:
             raise ValueError("this FusedMSTA was built without a text adapter (text_width=None)")
-        return vpeft_kernels.msta_adapter(
-            u, self.text_down.weight, self.text_down.bias, self.shared.weight, self.shared.bias,
-            self.text_up.weight, self.text_up.bias, scale=self.scale, dropout_p=self._p(), backend=backend)
+        return ops.call(
+            "msta_adapter", u, self.text_down.weight, self.text_down.bias, self.shared.weight, self.shared.bias,
+            self.text_up.weight, self.text_up.bias, scale=self.scale, dropout_p=self._p(),
+            backend=self.backend if backend is None else backend)
 
 
 class MSTABlock(nn.Module):
@@ -144,7 +147,7 @@ def _inject(ctx: InjectContext) -> Injected:
     msta = nn.ModuleList()
     for i in range(first - 1, last):
         m = FusedMSTA(tower.width, t.width if t else None, o["bottleneck"], ctx.num_frames, scale=o["scale"],
-                      dropout=o["adapter_dropout"], layout=tower.layout).to(**ctx.factory)
+                      dropout=o["adapter_dropout"], layout=tower.layout, backend=o["backend"]).to(**ctx.factory)
         msta.append(m)
         tower.blocks[i] = MSTABlock(tower.blocks[i], tower.ops, m, "vision")
         if t is not None:

@@ -68,6 +68,8 @@ class Option:
 
 COMMON_OPTIONS: Dict[str, Option] = {
     "dropout": Option(0.5, float, "dropout before the classifier (when num_classes is set)"),
+    "backend": Option(None, str, "op backend of the method's modules (None: $VPEFT_BACKEND, else auto)",
+                      choices=("auto", "triton", "extension", "eager")),
 }
 """Options every method takes."""
 

@@ -15,8 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import vpeft_kernels
 from vpeft_kernels.reference import temporal_taps
+
+from . import ops
 
 HEAD_DIM = 64
 
@@ -88,8 +89,10 @@ class LadderProjection(nn.Module):
     Parameters are stacked over levels so the fused op sees them as one tensor each.
     """
 
-    def __init__(self, levels: int, backbone_width: int, side_width: int, norm: str = "pre"):
+    def __init__(self, levels: int, backbone_width: int, side_width: int, norm: str = "pre",
+                 backend: Optional[str] = None):
         super().__init__()
+        self.backend = backend   # the op backend (None: VPEFT_BACKEND, else auto)
         if norm not in ("pre", "post"):
             raise ValueError(f"norm must be 'pre' or 'post', got {norm!r}")
         self.norm = norm
@@ -104,8 +107,8 @@ class LadderProjection(nn.Module):
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """``L`` tensors ``(..., D)`` -> ``(L, ..., d)``."""
-        return vpeft_kernels.ladder_projection(list(features), self.ln_weight, self.ln_bias, self.weight,
-                                               self.bias, norm=self.norm)
+        return ops.call("ladder_projection", list(features), self.ln_weight, self.ln_bias, self.weight, self.bias,
+                        norm=self.norm, backend=self.backend)
 
     def level(self, i: int, z: torch.Tensor) -> torch.Tensor:
         """Project one level: ``z`` ``(..., D)`` through level ``i``'s norm and Linear -> ``(..., d)``.
@@ -114,8 +117,8 @@ class LadderProjection(nn.Module):
         gradients land in the same stacked tensors).
         """
         sl = slice(i, i + 1)
-        return vpeft_kernels.ladder_projection([z], self.ln_weight[sl], self.ln_bias[sl], self.weight[sl],
-                                               self.bias[sl], norm=self.norm)[0]
+        return ops.call("ladder_projection", [z], self.ln_weight[sl], self.ln_bias[sl], self.weight[sl],
+                        self.bias[sl], norm=self.norm, backend=self.backend)[0]
 
 
 class SideBlock(nn.Module):
@@ -128,8 +131,9 @@ class SideBlock(nn.Module):
     """
 
     def __init__(self, width: int, num_frames: int, post_norm: bool = False, mlp_ratio: float = 4.0,
-                 checkpointing: bool = False):
+                 checkpointing: bool = False, backend: Optional[str] = None):
         super().__init__()
+        self.backend = backend   # the op backend (None: VPEFT_BACKEND, else auto)
         if width % HEAD_DIM:
             raise ValueError(f"side_width={width} must be a multiple of {HEAD_DIM} (attention head width)")
         self.num_frames = num_frames
@@ -155,9 +159,10 @@ class SideBlock(nn.Module):
 
     def _attn(self, s, c, pos):
         ln_w, ln_b = (None, None) if self.post_norm else (self.attn_norm.weight, self.attn_norm.bias)
-        a = vpeft_kernels.token_shift_attention(
-            s, c, pos, ln_w, ln_b, self.qkv.weight, self.qkv.bias, self.out.weight, self.out.bias,
-            num_frames=self.num_frames, num_heads=self.num_heads, eps=self.attn_norm.eps)
+        a = ops.call(
+            "token_shift_attention", s, c, pos, ln_w, ln_b, self.qkv.weight, self.qkv.bias, self.out.weight,
+            self.out.bias, num_frames=self.num_frames, num_heads=self.num_heads, eps=self.attn_norm.eps,
+            backend=self.backend)
         return self.attn_norm(a) if self.post_norm else a
 
     def _mlp(self, s):
@@ -192,7 +197,8 @@ class SideNetwork(nn.Module):
 
     def __init__(self, backbone_width: int, backbone_layers: int, side_width: int = 320, side_layers: int = 12,
                  num_frames: int = 8, patch_size: int = 16, num_patches: int = 196, post_norm: bool = False,
-                 fusion: str = "mean", pos_std: Optional[float] = None, checkpointing: bool = False):
+                 fusion: str = "mean", pos_std: Optional[float] = None, checkpointing: bool = False,
+                 backend: Optional[str] = None):
         super().__init__()
         if fusion not in ("mean", "sum"):
             raise ValueError(f"fusion must be 'mean' or 'sum', got {fusion!r}")
@@ -201,9 +207,10 @@ class SideNetwork(nn.Module):
         self.num_frames = num_frames
         self.stem = SideStem(side_width, patch_size)
         self.pos = nn.Parameter(torch.randn(num_patches, side_width) * (pos_std or (0.02 if post_norm else 0.01)))
-        self.ladder = LadderProjection(side_layers, backbone_width, side_width, "post" if post_norm else "pre")
+        self.ladder = LadderProjection(side_layers, backbone_width, side_width, "post" if post_norm else "pre",
+                                       backend=backend)
         self.blocks = nn.ModuleList(
-            SideBlock(side_width, num_frames, post_norm=post_norm, checkpointing=checkpointing)
+            SideBlock(side_width, num_frames, post_norm=post_norm, checkpointing=checkpointing, backend=backend)
             for _ in range(side_layers))
 
     def forward(self, video: torch.Tensor,
@@ -284,7 +291,7 @@ def _inject(ctx: InjectContext) -> Injected:
         raise ValueError(f"side4video needs square patches, got {tower.patch_size}")
     side = SideNetwork(tower.width, tower.depth, o["side_width"], o["side_layers"] or tower.depth, ctx.num_frames,
                        tower.patch_size[0], tower.num_patches, post_norm=(norm == "post"), fusion=o["fusion"],
-                       pos_std=o["pos_std"], checkpointing=o["checkpointing"]).to(**ctx.factory)
+                       pos_std=o["pos_std"], checkpointing=o["checkpointing"], backend=o["backend"]).to(**ctx.factory)
     head = SideHead(side.pos.shape[1], ctx.num_classes, o["dropout"], ctx.num_frames).to(**ctx.factory)
     return Injected(side=side, head=head, side_stream=o["stream"])
 

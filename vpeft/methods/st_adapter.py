@@ -6,9 +6,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-import vpeft_kernels
-
 from ..backbones.towers import BlockOps
+from . import ops
 
 PRESETS = {"12x384": ("mlp",), "24x384": ("attn", "mlp")}
 """Adapter placements per block for each preset (both use bottleneck 384)."""
@@ -29,8 +28,10 @@ class STAdapter(nn.Module):
     are zero (the linear weights keep PyTorch's default init).
     """
 
-    def __init__(self, width: int, bottleneck: int = 384, num_frames: int = 8, layout: str = "bt"):
+    def __init__(self, width: int, bottleneck: int = 384, num_frames: int = 8, layout: str = "bt",
+                 backend: Optional[str] = None):
         super().__init__()
+        self.backend = backend   # the op backend (None: VPEFT_BACKEND, else auto)
         if layout not in ("bt", "nt"):
             raise ValueError(f"layout must be 'bt' (per-frame tokens) or 'nt' (ViCLIP clip tokens), got {layout!r}")
         self.layout = layout
@@ -47,9 +48,9 @@ class STAdapter(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def _op(self, x, backend):
-        return vpeft_kernels.st_adapter(
-            x, self.down.weight, self.down.bias, self.temporal_weight, self.temporal_bias,
-            self.up.weight, self.up.bias, num_frames=self.num_frames, backend=backend)
+        return ops.call("st_adapter", x, self.down.weight, self.down.bias, self.temporal_weight, self.temporal_bias,
+                        self.up.weight, self.up.bias, num_frames=self.num_frames,
+                        backend=self.backend if backend is None else backend)
 
     def forward(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         if self.layout == "bt":
@@ -104,7 +105,7 @@ def _inject(ctx: InjectContext) -> Injected:
         raise ValueError(f"option bottleneck={r} of method 'st_adapter' must be a positive int")
 
     def make():
-        return STAdapter(tower.width, r, ctx.num_frames, layout=tower.layout).to(**ctx.factory)
+        return STAdapter(tower.width, r, ctx.num_frames, layout=tower.layout, backend=o["backend"]).to(**ctx.factory)
 
     for i, blk in enumerate(tower.blocks):
         tower.blocks[i] = STAdapterBlock(blk, tower.ops, make() if "attn" in where else None,
