@@ -39,8 +39,8 @@ GB = 1e9
 class BackboneSpec:
     """A backbone the suite knows: how to build it, its papers' batch size and Side4Video sizes.
 
-    ``side_light`` / ``side_full``: (side layers, side width), or None when METHODS.md
-    defines no such configuration. ``side_memory``: Side4Video options this backbone
+    ``side_light`` / ``side_full``: (side layers, side width), or None when the Side4Video
+    paper defines no such configuration. ``side_memory``: Side4Video options this backbone
     needs to fit (ViT-E: streaming and checkpointing). ``gpu``: a GPU-sized case.
     """
 
@@ -95,7 +95,7 @@ def method_options(preset: str, spec: BackboneSpec) -> Tuple[str, dict]:
     if preset in ("side4video_light", "side4video"):
         size = spec.side_light if preset == "side4video_light" else spec.side_full
         if size is None:
-            raise ValueError(f"METHODS.md section 3 defines no {preset} configuration for {spec.name}")
+            raise ValueError(f"the Side4Video paper defines no {preset} configuration for {spec.name}")
         return "side4video", dict(side_layers=size[0], side_width=size[1], **spec.side_memory)
     raise ValueError(f"unknown method preset {preset!r}; expected one of {METHOD_PRESETS}")
 

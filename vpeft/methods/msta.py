@@ -1,4 +1,6 @@
-"""MSTA, the multimodal spatiotemporal adapter (METHODS.md section 2)."""
+"""MSTA, the multimodal spatiotemporal adapter: ``out = block(x) + s * A(first_norm(x))`` per adapted
+layer, with vision and text adapters sharing the bottleneck layer (the branch's math is
+``vpeft_kernels.reference.msta_adapter``)."""
 from __future__ import annotations
 
 import math

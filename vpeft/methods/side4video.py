@@ -1,4 +1,4 @@
-"""Side4Video (METHODS.md section 3): a side network fed by multi-level backbone features.
+"""Side4Video: a side network fed by multi-level backbone features (ops: ``vpeft_kernels.reference``).
 
 The backbone runs without an autograd graph; the side network reads chosen layers'
 token features through the ladder projection, keeps its own patch tokens (no

@@ -1,4 +1,5 @@
-"""ST-Adapter (METHODS.md section 1): a bottleneck adapter with a depthwise temporal conv."""
+"""ST-Adapter: ``x + up(dwconv_t(down(x)))``, a bottleneck adapter with a depthwise temporal conv
+(the math is ``vpeft_kernels.reference.st_adapter``)."""
 from __future__ import annotations
 
 from typing import Optional

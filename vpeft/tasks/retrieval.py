@@ -1,4 +1,4 @@
-"""Side4Video text-video retrieval (METHODS.md section 3, retrieval head).
+"""Side4Video text-video retrieval: the retrieval head, token-wise matching and the metrics.
 
 Video side: the side network's tokens ``(B*T, N, d)`` go through BatchNorm and a mean
 over the ``N`` patches of each frame, ``(B, T, d)``; a zero-initialised
