@@ -2,12 +2,13 @@
 #   make demo   - create .venv, install vpeft, run the built-in demo
 #   make test   - create .venv, install vpeft with dev extras, run the test suite
 #   make check-cuda - compile and load the CUDA kernels with this machine's nvcc (no GPU)
+#   make docs-check - run every shell and Python example of README.md as written
 # PYTHON picks the interpreter used to create the virtual environment.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench check-cuda clean
+.PHONY: install demo test bench check-cuda docs-check clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,9 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+docs-check: install
+	$(BIN)/python -m pytest -q tests/test_readme.py
 
 check-cuda: install
 	PYTHON=$(BIN)/python scripts/check_cuda_compile.sh

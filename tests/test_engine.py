@@ -78,22 +78,21 @@ _KILL_SCRIPT = textwrap.dedent("""
     from vpeft.engine import checkpoint as ckpt
     d = sys.argv[1]; where = sys.argv[2]
     ckpt.save_checkpoint(d, 1, {"w": torch.ones(3)}, {"step": 1}, "step: 1\\n")
-    def die(*a, **k):
-        if where == "weights":   # leave a half-written file behind, then die
-            with open(a[1] if len(a) > 1 else k["filename"], "wb") as f:
-                f.write(b"partial")
-        os.kill(os.getpid(), signal.SIGKILL)
-    if where == "weights":
-        ckpt.save_file = die
-    elif where == "state":
-        ckpt.torch.save = die
-    else:
-        ckpt.os.replace = die    # killed while moving the pointer
+    real_write = ckpt._write_bytes
+    def write(path, data):   # leave a half-written file behind, then die
+        if path.endswith({"weights": ckpt.WEIGHTS, "state": ckpt.STATE, "manifest": ckpt.MANIFEST}.get(where, "?")):
+            with open(path, "wb") as f:
+                f.write(data[: len(data) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_write(path, data)
+    ckpt._write_bytes = write
+    if where == "pointer":
+        ckpt.os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)   # killed while moving the pointer
     ckpt.save_checkpoint(d, 2, {"w": torch.full((3,), 2.0)}, {"step": 2}, "step: 2\\n")
 """)
 
 
-@pytest.mark.parametrize("where", ["weights", "state", "pointer"])
+@pytest.mark.parametrize("where", ["weights", "state", "manifest", "pointer"])
 def test_checkpoint_killed_mid_write_leaves_previous_loadable(tmp_path, where):
     d = str(tmp_path / "checkpoints")
     r = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, d, where], env={**os.environ, "PYTHONPATH": ROOT},

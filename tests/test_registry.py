@@ -54,9 +54,9 @@ def test_a_method_registered_here_adapts_a_model():
 def test_option_types_and_builtin_flags():
     from conftest import tiny_clip
 
-    with pytest.raises(ValueError, match=r"option bottleneck=16.7 of method 'st_adapter' must be int, got float"):
+    with pytest.raises(ValueError, match=r"st_adapter option bottleneck=16.7 \(float\); expected a positive int"):
         vpeft.adapt(tiny_clip(), "st_adapter", num_frames=2, bottleneck=16.7)
-    with pytest.raises(ValueError, match=r"option checkpointing='yes' of method 'side4video' must be bool"):
+    with pytest.raises(ValueError, match=r"side4video option checkpointing='yes' \(str\); expected bool"):
         vpeft.adapt(tiny_clip(), "side4video", num_frames=2, checkpointing="yes")
     assert vpeft.METHODS == ("linear_probe", "full_finetune", "st_adapter", "msta", "side4video")
     assert get_method("msta").uses_text and get_method("msta").find_unused_parameters

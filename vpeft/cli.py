@@ -12,6 +12,10 @@ Multi-GPU (or multi-process CPU) training runs under torchrun, e.g.::
 
 ``train.batch_size`` is the global batch, so the same config gives the same schedule on
 any number of processes.
+
+``KEY=VALUE`` config overrides may appear anywhere on the command line (before or after
+options). Start-up is light: torch and the model code are imported only by the
+subcommands that need them, so ``vpeft --help`` and argument errors are immediate.
 """
 from __future__ import annotations
 
@@ -19,8 +23,9 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 log = logging.getLogger("vpeft")
 
@@ -31,7 +36,7 @@ def _setup_logging(rank: int) -> None:
                         datefmt="%H:%M:%S")
 
 
-def _config(args) -> dict:
+def _config(args, check: bool = True) -> dict:
     from .engine.config import load_config
 
     extra = {}
@@ -44,32 +49,49 @@ def _config(args) -> dict:
         extra["model"] = model
     if getattr(args, "output_dir", None):
         extra["output_dir"] = args.output_dir
+    if getattr(args, "strict_data", False):
+        extra["data"] = {"strict": True}
     if getattr(args, "device", None):
         extra["device"] = args.device
     if getattr(args, "task", None):
         extra["task"] = {"name": args.task}
-    return load_config(args.config, args.overrides, extra=extra)
+    cfg = load_config(args.config, args.overrides, extra=extra, resolve_output_dir=False, check=check)
+    if cfg["output_dir"] is None:
+        from .engine.rundir import default_output_dir, latest_run
+
+        previous = latest_run(args.config) if getattr(args, "resume", None) in ("", "require") else None
+        cfg["output_dir"] = previous or default_output_dir(args.config)
+    return cfg
 
 
-def _trainer(cfg, info, args, *, resume, train: bool):
+def _trainer(cfg, info, args, **kwargs):
+    """The engine's Trainer with the task ``task.name`` (recognition or a video-language task)."""
     from .engine import Trainer
     from .tasks import build_task
 
-    return Trainer(cfg, info, task=build_task(cfg, info), resume=resume, progress=not args.no_progress, train=train)
+    return Trainer(cfg, info, task=build_task(cfg, info), progress=not args.no_progress, **kwargs)
 
 
 def cmd_train(args) -> int:
+    from .engine.config import validate
+
+    cfg = _config(args, check=False)
+    if os.environ.get("RANK", "0") == "0":
+        from .engine.rundir import claim   # refuse a locked or used output_dir before loading torch and the model
+
+        claim(cfg["output_dir"], resume=args.resume is not None, overwrite=args.overwrite, check_only=True)
+    validate(cfg)
     from .engine import init_distributed
     from .engine.distributed import cleanup
 
-    cfg = _config(args)
     info = init_distributed(cfg["device"])
     _setup_logging(info.rank)
     try:
-        resume = None
-        if args.resume is not None:
-            resume = args.resume or cfg["output_dir"]
-        trainer = _trainer(cfg, info, args, resume=resume, train=True)
+        resume, required = None, True
+        if args.resume is not None:   # --resume: continue output_dir if it has a checkpoint; =require: must
+            resume = cfg["output_dir"] if args.resume in ("", "require") else args.resume
+            required = args.resume != ""
+        trainer = _trainer(cfg, info, args, resume=resume, overwrite=args.overwrite, require_checkpoint=required)
         if info.is_main:
             trainer.video_model.print_trainable_parameters()
         summary = trainer.fit()
@@ -142,7 +164,29 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
+_WITH_OVERRIDES = ("train", "eval")
+
+
+def split_overrides(argv: List[str]) -> Tuple[List[str], List[str]]:
+    """``(other arguments, KEY=VALUE overrides)``: overrides may stand anywhere on the line
+    (``--resume train.lr=1e-4`` is not a resume path). Everything after ``--`` is left alone."""
+    rest, overrides = [], []
+    for i, a in enumerate(argv):
+        if a == "--":
+            rest += argv[i:]
+            break
+        (overrides if _OVERRIDE.match(a) else rest).append(a)
+    return rest, overrides
+
+
+def _command(argv: List[str]) -> Optional[str]:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(full: bool = True) -> argparse.ArgumentParser:
+    """The argument parser. With ``full=False`` the ``plan`` subcommand is only listed
+    (its option choices need torch); :func:`main` builds it fully when ``plan`` runs."""
     from .engine.config import preset_names
 
     p = argparse.ArgumentParser(prog="vpeft", description="Parameter-efficient video adaptation of open_clip "
@@ -158,14 +202,23 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
         sp.add_argument("--task", choices=["recognition", "zero_shot", "few_shot", "base_to_novel", "retrieval"],
                         help="config key task.name: recognition (classifier, default) or a video-language task")
+        sp.add_argument("--strict-data", action="store_true",
+                        help="an unreadable evaluation video is an error (config key data.strict); by default it "
+                             "is excluded, named and counted (videos_skipped)")
         sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides such as train.lr=1e-4 model.options.preset=24x384")
+                        help="config overrides such as train.lr=1e-4 model.options.preset=24x384 (anywhere on the "
+                             "command line)")
 
     t = sub.add_parser("train", help="train an adapted backbone (torchrun for several processes)")
     common(t)
     t.add_argument("--output-dir", help="where logs and checkpoints go (config key output_dir)")
-    t.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                   help="continue from a checkpoint (default: the output directory's latest)")
+    t.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH|require",
+                   help="continue from the output directory's latest verified checkpoint, or start fresh (and say "
+                        "so) when there is none yet; --resume=require: a missing checkpoint is an error; "
+                        "--resume PATH: continue from that run or checkpoint directory. Without --output-dir: the "
+                        "newest runs/<config>-<timestamp> directory")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a previous run in the output directory (otherwise a new run there is refused)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate trained adapter weights on data.val_list")
@@ -201,27 +254,51 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
 
-    from .plan import add_plan_parser
+    if full:
+        from .plan import add_plan_parser
 
-    add_plan_parser(sub)
+        add_plan_parser(sub)
+    else:
+        sub.add_parser("plan", help="largest batch that fits a GPU memory budget (see vpeft plan --help)")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``vpeft`` command."""
-    from .data.lists import ListFileError
-    from .backbones.build import PretrainedUnavailable
-    from .engine.config import ConfigError
-
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command(argv)
+    rest, overrides = split_overrides(argv) if command in _WITH_OVERRIDES else (argv, [])
+    parser = build_parser(full=command == "plan")
+    args = parser.parse_args(rest)
+    if command in _WITH_OVERRIDES:
+        args.overrides = list(args.overrides) + overrides
     try:
         return args.func(args)
-    except (ConfigError, ListFileError, PretrainedUnavailable, FileNotFoundError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - only the user-facing kinds are turned into one line
+        kind = _user_error(e)
+        if kind is None:
+            raise
         print(f"vpeft {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return kind
     except KeyboardInterrupt:
         print(f"vpeft {args.command}: interrupted; the last checkpoint (if any) is intact", file=sys.stderr)
         return 130
+
+
+def _user_error(e: BaseException) -> Optional[int]:
+    """The exit status for an error a user can act on (printed as one line), else None."""
+    mod = sys.modules.get
+    if isinstance(e, (ValueError, FileNotFoundError)):   # ConfigError, ListFileError, CheckpointError, ...
+        return 2
+    unavailable = getattr(mod("vpeft.backbones.build"), "PretrainedUnavailable", None)
+    if unavailable is not None and isinstance(e, unavailable):
+        return 2
+    kinds = [getattr(mod("vpeft.data.video"), "VideoDecodeError", None),
+             getattr(mod("vpeft.engine.checkpoint"), "CheckpointWriteError", None),
+             getattr(mod("vpeft.engine.trainer"), "NonFiniteError", None)]
+    if any(k is not None and isinstance(e, k) for k in kinds):
+        return 1
+    return None
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def _train_worker(cfg: Dict[str, Any], progress: bool, threads: int, queue) -> N
 
     torch.set_num_threads(threads)
     try:
-        trainer = Trainer(cfg, progress=progress)     # model, data, optimizer: set-up is not counted
+        trainer = Trainer(cfg, progress=progress, overwrite=True)   # a fresh run each time; set-up is not counted
         with PeakRSS() as mem:
             summary = trainer.fit()
         queue.put(("ok", summary, mem.mib))
@@ -183,8 +183,6 @@ def run_demo(out_dir: str = "vpeft-demo", *, steps: Optional[int] = None, method
     results = []
     for name, method, options, lr, own_steps in chosen:
         cfg = demo_config(paths, out_dir, name, method, options, lr, steps or own_steps, workers)
-        if os.path.exists(os.path.join(cfg["output_dir"], "metrics.jsonl")):
-            os.remove(os.path.join(cfg["output_dir"], "metrics.jsonl"))   # a fresh run each time
         print(f"\n== {name}: vpeft.adapt(..., {method!r}, **{options}), lr {lr}, {steps or own_steps} steps",
               flush=True)
         summary, peak = _train_in_fresh_process(cfg, progress, torch.get_num_threads())

@@ -7,11 +7,12 @@ import torch
 import torch.nn as nn
 
 from .backbones.towers import TextTower, VisionTower, text_tower, vision_tower
-from .methods import method_names
+from .methods import BUILTIN_METHODS
 from .methods.registry import InjectContext, MethodSpec, get_method
 
-METHODS = method_names()
-"""The methods shipped with vpeft (see :mod:`vpeft.methods.registry` for adding one)."""
+METHODS = BUILTIN_METHODS
+"""The methods shipped with vpeft (see :mod:`vpeft.methods.registry` for adding one;
+:func:`vpeft.methods.method_names` lists every registered method)."""
 
 
 class ClassifierHead(nn.Module):
@@ -29,7 +30,18 @@ class ClassifierHead(nn.Module):
 class VideoModel(nn.Module):
     """An open_clip model adapted to video by one parameter-efficient method.
 
-    Built by :func:`adapt`. Video is ``(B, T, 3, H, W)`` with ``T == num_frames``.
+    Built by :func:`adapt`. Video is ``(B, T, 3, H, W)`` with ``T == num_frames`` and
+    ``H, W`` the backbone's image size, either
+
+    * floating point, already normalised with the backbone's mean and std
+      (``model.tower.mean`` / ``model.tower.std``; what the vpeft data pipeline yields), or
+    * ``uint8`` pixels 0-255 in RGB order (what a decoder returns, permuted to channels
+      first), which are scaled to [0, 1] and normalised here with the backbone's own mean
+      and std.
+
+    Any other dtype (bool, integer, complex) and an empty batch are refused. Values are
+    not checked for NaN/inf here (that would cost a device sync per call); the training
+    engine checks every batch before the optimizer step.
     The backbone's own parameters are frozen (except for ``full_finetune``) and its
     modules stay in eval mode; for ``side4video`` and ``linear_probe`` the backbone
     runs with no autograd graph at all.
@@ -87,10 +99,16 @@ class VideoModel(nn.Module):
 
     # ------------------------------------------------------------------ input
     def _check_video(self, video: torch.Tensor) -> torch.Tensor:
+        """Shape and dtype checks; uint8 video is scaled and normalised (see the class docstring)."""
         if not isinstance(video, torch.Tensor) or video.dim() != 5:
             shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
             raise ValueError(f"video must be a 5-D tensor (B, T, 3, H, W), got {shape}")
         b, t, c, h, w = video.shape
+        if video.dtype != torch.uint8 and not video.is_floating_point():
+            raise ValueError(f"video dtype {video.dtype} is not supported: pass floating-point video normalised with "
+                             f"the backbone's mean/std, or uint8 pixels 0-255 (normalised here)")
+        if b == 0:
+            raise ValueError(f"video is an empty batch (B=0, shape {tuple(video.shape)}); expected at least one clip")
         if t != self.num_frames:
             raise ValueError(f"video has T={t} frames, expected num_frames={self.num_frames} (shape (B, T, 3, H, W))")
         if c != 3:
@@ -99,6 +117,10 @@ class VideoModel(nn.Module):
             raise ValueError(f"video frames are {h}x{w}, expected {self.tower.image_size[0]}x"
                              f"{self.tower.image_size[1]} for this backbone")
         p = next(self.backbone.parameters())
+        if video.dtype == torch.uint8:
+            mean = torch.tensor(self.tower.mean, device=p.device, dtype=torch.float32).view(3, 1, 1)
+            std = torch.tensor(self.tower.std, device=p.device, dtype=torch.float32).view(3, 1, 1)
+            video = (video.to(device=p.device, dtype=torch.float32) / 255.0 - mean) / std
         return video.to(device=p.device, dtype=p.dtype)
 
     # ------------------------------------------------------------------ towers
@@ -243,9 +265,9 @@ class VideoModel(nn.Module):
         missing = sorted(keys - set(state_dict))
         unexpected = sorted(set(state_dict) - keys)
         if strict and (missing or unexpected):
-            raise ValueError(f"adapter state dict does not match this {self.method} model: "
-                             f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+            raise ValueError(f"adapter state dict does not match this {self.method} model ({len(keys)} trained "
+                             f"tensors): {len(missing)} missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                             f"{len(unexpected)} unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
         own = self.state_dict()
         for k, v in state_dict.items():
             if k in own and tuple(own[k].shape) != tuple(v.shape):
@@ -277,10 +299,11 @@ def adapt(model: nn.Module, method: str, *, num_frames: int, num_classes: Option
     spec = get_method(method)
     opts = spec.resolve(options)
     if not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1:
-        raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+        raise ValueError(f"num_frames must be a positive int, got {num_frames!r} ({type(num_frames).__name__})")
     if num_classes is not None and (not isinstance(num_classes, int) or isinstance(num_classes, bool)
                                     or num_classes < 1):
-        raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
+        raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r} "
+                         f"({type(num_classes).__name__})")
     if getattr(model, "_vpeft_adapted", False):
         raise ValueError("this model has already been adapted by vpeft; build a fresh model")
     tower = vision_tower(model)

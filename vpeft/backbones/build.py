@@ -214,6 +214,11 @@ def create_backbone(name: str, *, pretrained: Optional[str] = None, checkpoint: 
     else:
         model = create_model(name, device=device, dtype=dtype)   # allocated once, in place (large models)
     if checkpoint:
-        incompatible = open_clip.load_checkpoint(model, checkpoint)
+        try:
+            incompatible = open_clip.load_checkpoint(model, checkpoint)
+        except Exception as e:  # noqa: BLE001 - unreadable or mismatched: one line naming the file
+            from ..engine.checkpoint import backbone_load_error
+
+            raise backbone_load_error(checkpoint, model, e) from None
         log.info("loaded backbone weights from %s (%s)", checkpoint, incompatible)
     return model

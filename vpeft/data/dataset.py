@@ -32,6 +32,11 @@ class VideoDataset(Dataset):
             generator seeded with ``(seed, epoch, index, attempt)``, so they do not depend
             on worker processes, world size, or where a run was resumed.
         max_replacements: how many other videos to try when a video fails.
+        on_unreadable: what a video that cannot be decoded becomes: ``"replace"`` (another
+            sample, up to ``max_replacements`` tries; training), ``"skip"`` (an item whose
+            ``video`` is None, which :func:`collate` leaves out of the batch while keeping
+            its path in ``failed``; evaluation over exactly the readable set) or
+            ``"raise"`` (a :class:`VideoDecodeError` naming the file; ``--strict-data``).
 
     Items are dicts: ``video`` ``(T, 3, S, S)`` when training, ``(V, T, 3, S, S)`` with
     ``V = num_clips * crops`` when testing; ``label``; ``index``; ``failed``: the paths
@@ -41,7 +46,7 @@ class VideoDataset(Dataset):
 
     def __init__(self, root: str, samples: Sequence[Sample], num_frames: int,
                  transform: Union[TrainTransform, TestTransform], *, sampling: str = "segment", stride: int = 1,
-                 num_clips: int = 1, seed: int = 0, max_replacements: int = 20):
+                 num_clips: int = 1, seed: int = 0, max_replacements: int = 20, on_unreadable: str = "replace"):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"video directory {root!r} does not exist (data.root)")
         if not samples:
@@ -50,6 +55,9 @@ class VideoDataset(Dataset):
             raise ValueError(f"unknown sampling strategy {sampling!r}; expected one of {STRATEGIES}")
         if num_clips < 1:
             raise ValueError(f"num_clips must be >= 1, got {num_clips}")
+        if on_unreadable not in ("replace", "skip", "raise"):
+            raise ValueError(f"on_unreadable={on_unreadable!r}; expected 'replace', 'skip' or 'raise'")
+        self.on_unreadable = on_unreadable
         self.root = root
         self.samples = list(samples)
         self.num_frames = int(num_frames)
@@ -99,6 +107,14 @@ class VideoDataset(Dataset):
                 video, label = self._load(current, rng)
                 return {"video": video, "label": label, "index": current, "failed": failed}
             except VideoDecodeError as e:
+                if self.on_unreadable == "raise":
+                    raise VideoDecodeError(f"unreadable video {self.samples[current].path!r} under {self.root!r} "
+                                           f"({e}); without --strict-data (data.strict=false) evaluation "
+                                           "excludes it and reports it") from e
+                if self.on_unreadable == "skip":
+                    log.warning("excluding unreadable video %s (%s)", self.samples[current].path, e)
+                    return {"video": None, "label": self.samples[current].label, "index": current,
+                            "failed": [self.samples[current].path]}
                 log.warning("skipping video %d (%s); replacing it with another sample", current, e)
                 failed.append(self.samples[current].path)
                 current = int(rng.integers(len(self.samples)))
@@ -108,11 +124,16 @@ class VideoDataset(Dataset):
 
 
 def collate(items: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """Stack a list of :class:`VideoDataset` items into a batch (``failed`` is concatenated)."""
+    """Stack a list of :class:`VideoDataset` items into a batch (``failed`` is concatenated).
+
+    Items without a video (excluded unreadable videos, ``on_unreadable="skip"``) are left
+    out; when none has one, ``video`` is None.
+    """
+    kept = [it for it in items if it["video"] is not None]
     return {
-        "video": torch.stack([it["video"] for it in items]),
-        "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
-        "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+        "video": torch.stack([it["video"] for it in kept]) if kept else None,
+        "label": torch.tensor([it["label"] for it in kept], dtype=torch.long),
+        "index": torch.tensor([it["index"] for it in kept], dtype=torch.long),
         "failed": [p for it in items for p in it["failed"]],
     }
 

@@ -44,7 +44,9 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "color_jitter": 0.0,         # brightness/contrast/saturation strength
         "grayscale": 0.0,            # probability of a grayscale clip
         "num_workers": 2,            # loader worker processes per rank
-        "max_replacements": 20,      # other videos tried when one cannot be decoded
+        "max_replacements": 20,      # training: other videos tried when one cannot be decoded
+        "strict": False,             # evaluation: an unreadable video is an error (--strict-data) instead of
+                                     # being excluded, named and counted (videos_skipped)
     },
     "train": {
         "epochs": 30,
@@ -83,7 +85,7 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "text_lr": 1e-7,             # retrieval: lr of the text tower when train_text
         "adapters": None,            # trained weights (a run, checkpoint or save_pretrained directory) to evaluate
     },
-    "output_dir": "runs/default",
+    "output_dir": None,              # default: runs/<config name>-<timestamp>, a new directory per run
     "tensorboard": True,
     "device": "auto",                # auto (CUDA when available) or cpu
 }
@@ -116,17 +118,33 @@ def preset_names() -> List[str]:
                   if p.name.endswith(".yaml") and not p.name.startswith("_"))
 
 
+def _safe_load(text: str, where: str) -> Any:
+    """``yaml.safe_load`` with a syntax error as one line: ``where:line:column: problem``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        pos = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        context = getattr(e, "context", None)
+        raise ConfigError(f"{where}{pos}: malformed YAML: {problem}" + (f" ({context})" if context else "")) from None
+
+
 def _read_yaml(path_or_name: str) -> Dict[str, Any]:
     if os.path.isfile(path_or_name):
-        with open(path_or_name) as f:
-            data = yaml.safe_load(f) or {}
+        try:
+            with open(path_or_name) as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path_or_name} cannot be read: {e}") from None
+        data = _safe_load(text, path_or_name) or {}
     else:
         name = os.path.basename(path_or_name)
         name = name[:-5] if name.endswith(".yaml") else name
         if name not in preset_names() and not (name.startswith("_") and
                                                 resources.files("vpeft.configs").joinpath(name + ".yaml").is_file()):
             raise ConfigError(f"config {path_or_name!r} is neither a file nor a preset; presets: {preset_names()}")
-        data = yaml.safe_load(resources.files("vpeft.configs").joinpath(name + ".yaml").read_text()) or {}
+        data = _safe_load(resources.files("vpeft.configs").joinpath(name + ".yaml").read_text(), name + ".yaml") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config {path_or_name!r} must be a YAML mapping, got {type(data).__name__}")
     return data
@@ -140,7 +158,7 @@ def parse_override(text: str) -> Dict[str, Any]:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError(f"override {text!r} has an empty key")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    value = _safe_load(raw, f"override {text!r}") if raw.strip() else None
     out: Dict[str, Any] = value
     for p in reversed(parts):
         out = {p: out}
@@ -148,9 +166,15 @@ def parse_override(text: str) -> Dict[str, Any]:
 
 
 def load_config(path_or_name: Optional[str] = None, overrides: Sequence[str] = (),
-                extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                extra: Optional[Dict[str, Any]] = None, *, resolve_output_dir: bool = True,
+                check: bool = True) -> Dict[str, Any]:
     """Defaults, then the YAML file or preset (presets may name a ``base`` preset), then
-    ``extra`` (a nested dict), then the ``key=value`` overrides; validated."""
+    ``extra`` (a nested dict), then the ``key=value`` overrides; validated.
+
+    An unset ``output_dir`` becomes ``runs/<config name>-<timestamp>`` (a new directory
+    per run) unless ``resolve_output_dir=False`` (then it stays None). ``check=False``
+    leaves out :func:`validate` (which imports the model code) for the caller to run.
+    """
     cfg = copy.deepcopy(DEFAULTS)
     layers: List[Dict[str, Any]] = []
     if path_or_name:
@@ -174,7 +198,12 @@ def load_config(path_or_name: Optional[str] = None, overrides: Sequence[str] = (
             cfg["model"]["options"] = {**cfg["model"]["options"], **parse_override(o)["model"]["options"]}
         else:
             _merge(cfg, parse_override(o), "")
-    validate(cfg)
+    if check:
+        validate(cfg)
+    if cfg["output_dir"] is None and resolve_output_dir:
+        from .rundir import default_output_dir
+
+        cfg["output_dir"] = default_output_dir(path_or_name)
     return cfg
 
 
@@ -190,6 +219,14 @@ def validate(cfg: Dict[str, Any]) -> None:
         v = cfg[sec][key]
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ConfigError(f"{sec}.{key} must be a positive integer, got {v!r}")
+    for sec, key, low, optional in (("train", "log_every", 1, False), ("train", "keep_checkpoints", 1, False),
+                                    ("train", "eval_every", 0, False), ("train", "checkpoint_every", 0, False),
+                                    ("train", "seed", 0, False), ("data", "num_workers", 0, False),
+                                    ("data", "max_replacements", 0, False), ("train", "stop_at_step", 1, True),
+                                    ("data", "num_classes", 1, True)):
+        v = cfg[sec][key]   # a fraction or a string where a count is meant would be truncated or fail late
+        if not (optional and v is None) and (not isinstance(v, int) or isinstance(v, bool) or v < low):
+            raise ConfigError(f"{sec}.{key} must be an integer >= {low}{' or null' if optional else ''}, got {v!r}")
     if d["num_frames"] is not None and d["num_frames"] != m["num_frames"]:
         raise ConfigError(f"data.num_frames={d['num_frames']} does not match model.num_frames={m['num_frames']}: "
                           "the model is built for a fixed number of frames")

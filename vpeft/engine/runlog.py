@@ -59,6 +59,52 @@ class RunLogger:
             self._tb = None
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+class ProgressLog:
+    """Progress as log lines, for output without a terminal (CI, ``> log``, cluster jobs),
+    where a progress bar shows nothing.
+
+    :meth:`step` logs ``step S/N  loss  lr  clips/s  ETA`` every ``every_steps`` steps,
+    at least every ``every_s`` seconds, and at the last step. The rate and ETA come from
+    this invocation's steps only (a resumed run does not count the steps it skipped).
+
+    Args:
+        total: the schedule's total optimizer steps.
+        start: the step this invocation starts at (non-zero after a resume).
+        every_steps: steps between lines (``train.log_every``).
+        every_s: the longest silence, in seconds.
+        enabled: False (e.g. a progress bar is shown, or not rank 0) turns every call into a no-op.
+    """
+
+    def __init__(self, total: int, start: int = 0, *, every_steps: int = 10, every_s: float = 30.0,
+                 enabled: bool = True, clock=time.monotonic):
+        self.total, self.start = int(total), int(start)
+        self.every_steps, self.every_s = max(int(every_steps), 1), float(every_s)
+        self.enabled, self._clock = enabled, clock
+        self._t0 = self._last = clock()
+
+    def step(self, step: int, loss: float, lr: float, clips_per_s: float) -> Optional[str]:
+        """Log (and return) a line for ``step`` when one is due; None otherwise."""
+        if not self.enabled:
+            return None
+        now = self._clock()
+        if not (step % self.every_steps == 0 or step >= self.total or now - self._last >= self.every_s):
+            return None
+        self._last = now
+        done = max(step - self.start, 1)
+        eta = (now - self._t0) / done * (self.total - step)
+        line = (f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {clips_per_s:.1f} clips/s  "
+                f"ETA {_duration(eta)}")
+        log.info("%s", line)
+        return line
+
+
 def read_jsonl(path: str):
     """All records of a ``metrics.jsonl`` file."""
     with open(path) as f:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .build import build_dataset, build_loader, build_video_model, check_data, resolve_classes
 from .config import ConfigError
-from .distributed import DistInfo, all_reduce_sum
+from .distributed import DistInfo, all_gather_objects, all_reduce_sum
 
 log = logging.getLogger("vpeft")
 
@@ -125,6 +125,8 @@ class RecognitionTask(Task):
         model = build_video_model(self.cfg, self.num_classes, device)
         if self.cfg["data"]["val_list"]:
             self.val_ds = build_dataset(self.cfg, "val", model, self.num_classes, self.class_names)
+            # evaluation never substitutes: unreadable videos are excluded and reported
+            self.val_ds.on_unreadable = "raise" if self.cfg["data"]["strict"] else "skip"
         return model
 
     def train_dataset(self, model):
@@ -162,9 +164,14 @@ class RecognitionTask(Task):
         top5 = torch.zeros(1, dtype=torch.float64)
         nll = torch.zeros(1, dtype=torch.float64)
         skipped = torch.zeros(1, dtype=torch.float64)
+        skipped_names: List[str] = []
         k = min(5, C)
         for b in tqdm(loader, disable=None if progress else True, desc="eval", unit="batch", leave=False):
-            v = b["video"]                                   # (B, V, T, 3, S, S)
+            skipped += len(b["failed"])                      # unreadable: excluded, never replaced
+            skipped_names += b["failed"]
+            v = b["video"]                                   # (B, V, T, 3, S, S), readable videos only
+            if v is None:
+                continue
             n = v.shape[0]
             with autocast():
                 logits = model(v.flatten(0, 1).to(device, non_blocking=True))
@@ -176,15 +183,20 @@ class RecognitionTask(Task):
             total.index_add_(0, label, torch.ones(n, dtype=torch.float64))
             top5 += (pred == label[:, None]).any(-1).double().sum()
             nll += -prob.gather(1, label[:, None]).clamp_min(1e-12).log().double().sum()
-            skipped += len(b["failed"])
         stats = all_reduce_sum(torch.cat([correct, total, top5, nll, skipped]).to(device), self.info).cpu()
         correct, total = stats[:C], stats[C:2 * C]
         top5, nll, skipped = stats[2 * C], stats[2 * C + 1], stats[2 * C + 2]
         n = float(total.sum())
         seen = total > 0
         model.train(was_training)
+        skipped_names = sorted(p for names in all_gather_objects(skipped_names, self.info) for p in names)
         if skipped:
-            log.warning("evaluation: %d unreadable video(s) were skipped and replaced", int(skipped))
+            log.warning("evaluation: %d unreadable video(s) excluded (metrics are over the other %d): %s",
+                        int(skipped), int(n), ", ".join(skipped_names[:8]))
+        if n == 0:
+            raise ValueError(f"evaluation: none of the {int(skipped)} videos of data.val_list could be read "
+                             f"(e.g. {skipped_names[:3]}); check data.root and the list file")
         return {"top1": 100.0 * float(correct.sum()) / n, "top5": 100.0 * float(top5) / n,
                 "mean_class": 100.0 * float((correct[seen] / total[seen]).mean()), "loss": float(nll) / n,
-                "videos": int(n), "views": views, "skipped_videos": int(skipped)}
+                "videos": int(n), "videos_evaluated": int(n), "videos_skipped": int(skipped),
+                "videos_skipped_names": skipped_names, "views": views}

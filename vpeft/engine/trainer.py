@@ -23,10 +23,11 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from . import rundir
 from .build import build_loader
 from .config import ConfigError, dump
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier
-from .runlog import RunLogger
+from .runlog import ProgressLog, RunLogger
 from .task import RecognitionTask, Task
 
 log = logging.getLogger("vpeft")
@@ -54,19 +55,20 @@ def _autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtyp
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
-def _rng_state() -> Dict[str, Any]:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
+_rng_state, _set_rng_state = ckpt.rng_state, ckpt.set_rng_state   # plain containers: weights_only=True loads them
 
 
-def _set_rng_state(st: Dict[str, Any]) -> None:
-    torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["python"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+class NonFiniteError(FloatingPointError):
+    """A training batch or its loss is NaN/inf; raised before the optimizer step, so the
+    weights are never updated with it."""
+
+
+def _terminal() -> bool:
+    """Whether progress bars are visible (tqdm writes to stderr)."""
+    try:
+        return os.isatty(2)
+    except OSError:
+        return False
 
 
 class _LossModule(nn.Module):
@@ -97,13 +99,36 @@ class Trainer:
         resume: a checkpoint (directory, run directory or ``checkpoints/``) to continue.
         progress: show tqdm progress bars (rank 0 only).
         train: set up training (False: only evaluate, e.g. ``vpeft eval``).
+        overwrite: a training run may replace a previous run in ``output_dir``
+            (otherwise that is refused; see :func:`vpeft.engine.rundir.claim`).
+        require_checkpoint: with ``resume``, a missing checkpoint is an error; with False
+            the run starts fresh and says so (``--resume`` in a retry loop).
+
+    A training Trainer holds ``output_dir``'s lock (rank 0) from construction until
+    :meth:`fit` returns or :meth:`close` is called.
     """
 
     def __init__(self, cfg: Dict[str, Any], info: Optional[DistInfo] = None, *, task: Optional[Task] = None,
-                 resume: Optional[str] = None, progress: bool = True, train: bool = True):
+                 resume: Optional[str] = None, progress: bool = True, train: bool = True, overwrite: bool = False,
+                 require_checkpoint: bool = True):
         self.cfg = cfg
         self.info = info or DistInfo()
         self.progress = progress and self.info.is_main   # bars only on rank 0, and only on a terminal
+        self.run_lock = None
+        if task is None:
+            if cfg["task"]["name"] != "recognition":
+                raise ConfigError(f"task.name={cfg['task']['name']!r}: pass task=vpeft.tasks.build_task(cfg, info)")
+            task = RecognitionTask(cfg, self.info)
+        self.task = task
+        if train:
+            resume = self._claim_output_dir(resume, overwrite, require_checkpoint)
+        try:
+            self._build(cfg, resume, train)
+        except BaseException:
+            self.close()   # a run that cannot start does not keep the directory locked
+            raise
+
+    def _build(self, cfg: Dict[str, Any], resume: Optional[str], train: bool) -> None:
         t, d = cfg["train"], cfg["data"]
         self.device = self.info.device
         self.amp_dtype = _autocast_dtype(t["precision"], self.device)
@@ -112,18 +137,13 @@ class Trainer:
         np.random.seed(seed)
         random.seed(seed)
 
-        if task is None:
-            if cfg["task"]["name"] != "recognition":
-                raise ConfigError(f"task.name={cfg['task']['name']!r}: pass task=vpeft.tasks.build_task(cfg, info)")
-            task = RecognitionTask(cfg, self.info)
-        self.task = task
-        task.check(train)
-        self.model = task.build(self.device)
-        self.video_model = task.video_model(self.model)
+        self.task.check(train)
+        self.model = self.task.build(self.device)
+        self.video_model = self.task.video_model(self.model)
         if d["num_frames"] is not None and d["num_frames"] != self.video_model.num_frames:
             raise ConfigError(f"data.num_frames={d['num_frames']} does not match the model's "
                               f"num_frames={self.video_model.num_frames}")
-        self.train_ds = task.train_dataset(self.model) if train else None
+        self.train_ds = self.task.train_dataset(self.model) if train else None
         torch.manual_seed(seed + 1 + self.info.rank)   # dropout differs per rank
 
         self.global_step, self.epoch, self.step_in_epoch = 0, 0, 0
@@ -138,6 +158,32 @@ class Trainer:
             self._resume(resume, train=train)
 
     # ------------------------------------------------------------------ set-up
+    def _claim_output_dir(self, resume: Optional[str], overwrite: bool, require: bool) -> Optional[str]:
+        """Lock ``output_dir`` on rank 0 (every rank learns the outcome); return the resume path or None."""
+        if self.cfg["output_dir"] is None:
+            self.cfg["output_dir"] = rundir.default_output_dir(None)
+        self.cfg["output_dir"] = all_gather_objects(self.cfg["output_dir"], self.info)[0]   # rank 0's timestamp
+        out = self.cfg["output_dir"]
+        if resume and not require and not ckpt.has_checkpoint(resume):
+            log.warning("--resume: no checkpoint in %s yet; starting a fresh run", resume)
+            resume, overwrite = None, True    # what is there holds nothing to continue from
+        error = None
+        if self.info.is_main:
+            try:
+                self.run_lock = rundir.claim(out, resume=resume is not None, overwrite=overwrite)
+            except rundir.RunDirError as e:
+                error = str(e)
+        error = all_gather_objects(error, self.info)[0]
+        if error:
+            raise rundir.RunDirError(error)
+        return resume
+
+    def close(self) -> None:
+        """Release ``output_dir``'s lock (also done when :meth:`fit` returns)."""
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
+
     def _setup_training(self):
         t = self.cfg["train"]
         world, accum, gb = self.info.world, t["grad_accum"], t["batch_size"]
@@ -179,9 +225,10 @@ class Trainer:
             for key, mine in (("method", self.video_model.method), ("num_frames", self.video_model.num_frames)):
                 if saved[key] != mine:
                     raise ConfigError(f"{path} holds weights for {key}={saved[key]!r}, this run has {key}={mine!r}")
-            weights, saved_cfg_text = ckpt.load_weights(os.path.join(path, WEIGHTS_NAME))
-        else:
-            weights, saved_cfg_text = ckpt.load_weights(path)
+            path = os.path.join(path, WEIGHTS_NAME)
+        elif not (os.path.isfile(path) and path.endswith(".safetensors")):
+            path = ckpt.find_checkpoint(path)   # verified once; a broken latest falls back with a warning
+        weights, saved_cfg_text = ckpt.load_weights(path)
         if saved_cfg_text:
             import yaml
 
@@ -206,7 +253,7 @@ class Trainer:
             log.warning("checkpoint holds RNG states for %d ranks, this run has %d: dropout masks after the "
                         "resume will not match an uninterrupted run", len(rng), self.info.world)
         _set_rng_state(rng[self.info.rank % len(rng)])
-        log.info("resumed from %s at step %d (epoch %d, step %d of it)", ckpt.find_checkpoint(path),
+        log.info("resumed from %s at step %d (epoch %d, step %d of it)", path,
                  self.global_step, self.epoch, self.step_in_epoch)
 
     # ------------------------------------------------------------------ helpers
@@ -216,6 +263,8 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _save(self, out_dir: str):
+        if getattr(self, "_saved_step", None) == self.global_step:
+            return   # this step is on disk already: one checkpoint per step
         rngs = all_gather_objects(_rng_state(), self.info)
         if not self.info.is_main:
             self._saved_step = self.global_step
@@ -231,14 +280,40 @@ class Trainer:
                                     adapter_config=json.dumps(self.task.pretrained_config(self.model), indent=2))
         log.info("saved checkpoint %s", path)
 
+    def _clip_status(self, batch) -> List[Any]:
+        """``(file name, pixels all finite)`` for each clip of a training batch."""
+        v = batch["video"]
+        ok = torch.isfinite(v.flatten(1)).all(1).tolist() if v.is_floating_point() else [True] * v.shape[0]
+        return [(self.train_ds.samples[int(i)].path, bool(f)) for i, f in zip(batch["index"], ok)]
+
+    def _stop_nonfinite(self, step_loss: float, clips: List[Any], grad_norm: Optional[float] = None) -> None:
+        """Raise :class:`NonFiniteError` on every rank, naming the step, the clips and a hint."""
+        bad = [p for p, ok in clips if not ok]
+        everyone = [p for names in all_gather_objects(bad or [p for p, _ in clips], self.info) for p in names]
+        bad_anywhere = any(all_gather_objects(bool(bad), self.info))
+        shown = ", ".join(everyone[:8]) + (f" and {len(everyone) - 8} more" if len(everyone) > 8 else "")
+        step = self.global_step + 1
+        if bad_anywhere:
+            raise NonFiniteError(
+                f"training stopped before optimizer step {step}: NaN/inf pixels in the batch, clip(s) {shown}; "
+                "the weights were not updated. Hint: check how these files decode and what the transforms do "
+                "with them (the clips a model gets must be finite)")
+        what = f"the loss is {step_loss}" if grad_norm is None else f"the gradient norm is {grad_norm}"
+        raise NonFiniteError(
+            f"training stopped before optimizer step {step}: {what} although the batch is finite "
+            f"(clips {shown}); the weights were not updated. Hint: lower train.lr, set train.clip_grad "
+            "(e.g. 1.0), or use train.precision=fp32")
+
     # ------------------------------------------------------------------ training
     def fit(self) -> Dict[str, Any]:
         """Train to the end of the schedule (or ``stop_at_step``); return a summary dict."""
         cfg, t = self.cfg, self.cfg["train"]
         out = cfg["output_dir"]
-        logger = RunLogger(out, enabled=self.info.is_main, tensorboard=bool(cfg["tensorboard"]))
         if self.info.is_main:
             os.makedirs(out, exist_ok=True)
+            ckpt.remove_leftovers(out)   # safe: this process holds the directory's lock
+        logger = RunLogger(out, enabled=self.info.is_main, tensorboard=bool(cfg["tensorboard"]))
+        if self.info.is_main:
             ckpt.atomic_write_text(os.path.join(out, "config.yaml"), dump(cfg))
         logger.write({"event": "start" if self.global_step == 0 else "resume", "step": self.global_step,
                       "task": self.task.name, "method": self.video_model.method,
@@ -249,6 +324,8 @@ class Trainer:
         eval_every = int(t["eval_every"])
         stop_at = t.get("stop_at_step")
         last_eval: Dict[str, Any] = {}
+        lines = ProgressLog(self.total_steps, self.global_step, every_steps=int(t["log_every"]),
+                            enabled=self.info.is_main and not (self.progress and _terminal()))
         try:
             while self.global_step < self.total_steps and (stop_at is None or self.global_step < stop_at):
                 epoch = self.epoch
@@ -256,28 +333,39 @@ class Trainer:
                 self.model.train()
                 it = iter(self.loader)
                 skipped = torch.zeros(1, dtype=torch.long)
-                bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, disable=None if self.progress else True,
+                epoch_steps = min(self.steps_per_epoch, self.total_steps - (self.global_step - self.step_in_epoch))
+                bar = tqdm(total=epoch_steps, initial=self.step_in_epoch, disable=None if self.progress else True,
                            desc=f"epoch {epoch + 1}/{self.epochs} train", unit="step", leave=False)
                 while (self.step_in_epoch < self.steps_per_epoch and self.global_step < self.total_steps
                        and (stop_at is None or self.global_step < stop_at)):
                     t0 = time.perf_counter()
-                    losses = []
+                    losses, clips = [], []
                     for k in range(accum):
                         batch = next(it)
                         if batch["failed"]:
                             skipped += len(batch["failed"])
                             log.warning("rank %d: %d unreadable video(s) replaced: %s", self.info.rank,
                                         len(batch["failed"]), batch["failed"][:3])
+                        clips += self._clip_status(batch)
                         sync = self.ddp.no_sync() if (self.ddp is not None and k < accum - 1) \
                             else contextlib.nullcontext()
                         with sync:
                             loss = step_module(batch)
                             self.scaler.scale(loss / accum).backward()
                         losses.append(loss.detach())
+                    # before the optimizer step: a NaN/inf batch or loss on any rank stops every rank
+                    n_bad = sum(1 for _, ok in clips if not ok)
+                    red = all_reduce_sum(torch.stack([torch.stack(losses).mean().float().cpu(),
+                                                      torch.tensor(float(n_bad))]), self.info)
+                    step_loss = float(red[0]) / self.info.world
+                    if not math.isfinite(step_loss) or float(red[1]) > 0:
+                        self._stop_nonfinite(step_loss, clips)
                     if t["clip_grad"]:
                         self.scaler.unscale_(self.optimizer)
-                        nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
-                                                 float(t["clip_grad"]))
+                        norm = nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                                        float(t["clip_grad"]))
+                        if not self.scaler.is_enabled() and not math.isfinite(float(norm)):   # fp16: scaler skips
+                            self._stop_nonfinite(step_loss, clips, grad_norm=float(norm))
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
                     self.optimizer.zero_grad(set_to_none=True)
@@ -285,16 +373,12 @@ class Trainer:
                     self.scheduler.step()
                     self.global_step += 1
                     self.step_in_epoch += 1
-                    step_loss = all_reduce_sum(torch.stack(losses).mean().float().cpu().reshape(1), self.info)
-                    step_loss = float(step_loss) / self.info.world
-                    if not math.isfinite(step_loss):
-                        raise FloatingPointError(f"loss is {step_loss} at step {self.global_step}; "
-                                                 "lower train.lr or use precision=fp32")
                     self.train_time += time.perf_counter() - t0
                     self.train_clips += t["batch_size"]
                     self.history.append({"step": self.global_step, "loss": step_loss, "lr": lr})
                     bar.update(1)
                     bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+                    lines.step(self.global_step, step_loss, lr, self.train_clips / max(self.train_time, 1e-9))
                     if self.global_step % int(t["log_every"]) == 0 or self.global_step == self.total_steps:
                         logger.write({"split": "train", "step": self.global_step, "epoch": epoch + 1,
                                       "loss": step_loss, "lr": lr,
@@ -327,6 +411,7 @@ class Trainer:
                 self._save(out)   # the final (or stop_at_step) position is always on disk
         finally:
             logger.close()
+            self.close()
         barrier(self.info)
         return {"steps": self.global_step, "epochs": self.epoch, "history": self.history,
                 "skipped_videos": self.skipped_total, "eval": last_eval,

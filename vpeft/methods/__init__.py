@@ -5,6 +5,9 @@ from .registry import InjectContext, Injected, MethodSpec, Option, get_method, m
 from .side4video import LadderProjection, SideBlock, SideHead, SideNetwork, SideStem, ladder_layers
 from .st_adapter import PRESETS, STAdapter, STAdapterBlock
 
+BUILTIN_METHODS = method_names()
+"""The methods shipped with vpeft, in registration order (methods registered later are not in it)."""
+
 __all__ = ["FusedMSTA", "MSTABlock", "LadderProjection", "SideBlock", "SideHead", "SideNetwork", "SideStem",
            "ladder_layers", "PRESETS", "STAdapter", "STAdapterBlock", "MethodSpec", "Option", "InjectContext",
-           "Injected", "register_method", "get_method", "method_names"]
+           "Injected", "register_method", "get_method", "method_names", "BUILTIN_METHODS"]

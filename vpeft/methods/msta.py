@@ -120,7 +120,8 @@ class MSTABlock(nn.Module):
 
 
 # ---------------------------------------------------------------------- registration
-from .registry import InjectContext, Injected, MethodSpec, Option, register_method  # noqa: E402
+from .registry import (InjectContext, Injected, MethodSpec, Option, fraction, positive_int,  # noqa: E402
+                       register_method)
 
 
 def _check_layers(layers, depth_v: int, depth_t: Optional[int]):
@@ -159,10 +160,12 @@ def _inject(ctx: InjectContext) -> Injected:
 
 register_method(MethodSpec(
     "msta",
-    {"bottleneck": Option(128, int, "bottleneck width r (must divide the vision width)"),
+    {"bottleneck": positive_int("bottleneck width r (must divide the vision width)", 128),
      "layers": Option(None, (list, tuple), "1-based inclusive (first, last) layers of both towers; "
-                                           "None: the last five vision layers"),
+                                           "None: the last five vision layers",
+                      valid=lambda v: len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in v),
+                      expected="a (first, last) pair of 1-based ints or None"),
      "scale": Option(0.005, float, "adapter output scale s"),
-     "adapter_dropout": Option(0.1, float, "dropout on the shared bottleneck"),
+     "adapter_dropout": fraction("dropout on the shared bottleneck", 0.1),
      "text": Option(None, bool, "adapt the text tower too (None: when the model has one)")},
     inject=_inject, uses_text=True, find_unused_parameters=True))

@@ -25,49 +25,71 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch.nn as nn
 
-__all__ = ["Option", "InjectContext", "Injected", "MethodSpec", "register_method", "get_method", "method_names",
-           "COMMON_OPTIONS"]
+__all__ = ["Option", "positive_int", "fraction", "InjectContext", "Injected", "MethodSpec", "register_method",
+           "get_method", "method_names", "COMMON_OPTIONS"]
 
 
 @dataclass(frozen=True)
 class Option:
-    """One keyword option of a method: its default and the Python types it accepts.
+    """One keyword option of a method: its default, the Python types it accepts and its range.
 
     ``types`` are checked with ``isinstance`` (``bool`` never passes for ``int`` or
     ``float``; an ``int`` passes for ``float`` and is converted). ``None`` is accepted
     when the default is ``None`` (meaning: the method derives the value from the model).
-    ``choices``, when given, are the only accepted values.
+    ``choices``, when given, are the only accepted values; ``valid(value)``, when given,
+    must hold (``expected`` says what it means, for the error message).
     """
 
     default: Any
     types: Tuple[type, ...]
     doc: str = ""
     choices: Optional[Tuple[Any, ...]] = None
+    valid: Optional[Callable[[Any], bool]] = None
+    expected: Optional[str] = None
 
-    def __init__(self, default: Any, types, doc: str = "", choices=None):
+    def __init__(self, default: Any, types, doc: str = "", choices=None, valid=None, expected=None):
         object.__setattr__(self, "default", default)
         object.__setattr__(self, "types", tuple(types) if isinstance(types, (tuple, list)) else (types,))
         object.__setattr__(self, "doc", doc)
         object.__setattr__(self, "choices", tuple(choices) if choices is not None else None)
+        object.__setattr__(self, "valid", valid)
+        object.__setattr__(self, "expected", expected)
+
+    def describe(self) -> str:
+        """What the option takes, in words."""
+        if self.expected:
+            return self.expected
+        if self.choices is not None:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        what = " or ".join(t.__name__ for t in self.types)
+        return what + (" or None" if self.default is None else "")
 
     def check(self, method: str, name: str, value: Any) -> Any:
-        """``value`` converted to the option's type; a ValueError names the option and what it takes."""
+        """``value`` converted to the option's type; a ValueError names the option, the value and what it takes."""
         if value is None and self.default is None:
             return None
-        expected = "/".join(t.__name__ for t in self.types)
         ok = isinstance(value, self.types) and not (isinstance(value, bool) and bool not in self.types)
         if not ok and float in self.types and isinstance(value, int) and not isinstance(value, bool):
             value, ok = float(value), True
+        ok = ok and (self.choices is None or value in self.choices) and (self.valid is None or self.valid(value))
         if not ok:
-            raise ValueError(f"option {name}={value!r} of method {method!r} must be {expected}"
-                             f"{' or None' if self.default is None else ''}, got {type(value).__name__}")
-        if self.choices is not None and value not in self.choices:
-            raise ValueError(f"option {name}={value!r} of method {method!r}: expected one of {self.choices}")
+            raise ValueError(f"{method} option {name}={value!r} ({type(value).__name__}); expected {self.describe()}")
         return value
 
 
+def positive_int(doc: str, default: Any) -> Option:
+    """An option that is a positive int (``None`` allowed when it is the default)."""
+    return Option(default, int, doc, valid=lambda v: v >= 1,
+                  expected="a positive int" + (" or None" if default is None else ""))
+
+
+def fraction(doc: str, default: float) -> Option:
+    """An option that is a number in [0, 1) (a dropout probability)."""
+    return Option(default, float, doc, valid=lambda v: 0 <= v < 1, expected="a number in [0, 1)")
+
+
 COMMON_OPTIONS: Dict[str, Option] = {
-    "dropout": Option(0.5, float, "dropout before the classifier (when num_classes is set)"),
+    "dropout": fraction("dropout before the classifier (when num_classes is set)", 0.5),
     "backend": Option(None, str, "op backend of the method's modules (None: $VPEFT_BACKEND, else auto)",
                       choices=("auto", "triton", "extension", "eager")),
 }

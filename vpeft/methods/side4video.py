@@ -274,7 +274,7 @@ class SideHead(nn.Module):
 
 
 # ---------------------------------------------------------------------- registration
-from .registry import InjectContext, Injected, MethodSpec, Option, register_method  # noqa: E402
+from .registry import InjectContext, Injected, MethodSpec, Option, positive_int, register_method  # noqa: E402
 
 
 def _inject(ctx: InjectContext) -> Injected:
@@ -298,13 +298,14 @@ def _inject(ctx: InjectContext) -> Injected:
 
 register_method(MethodSpec(
     "side4video",
-    {"side_width": Option(320, int, "side network width d (a multiple of 64)"),
-     "side_layers": Option(None, int, "side blocks l (must divide the backbone depth; None: the depth)"),
+    {"side_width": positive_int("side network width d (a multiple of 64)", 320),
+     "side_layers": positive_int("side blocks l (must divide the backbone depth; None: the depth)", None),
      "fusion": Option("mean", str, "ladder fusion: mean (released code) or sum (paper Eq. 2)",
                       choices=("mean", "sum")),
      "norm": Option(None, str, "pre (CLIP) or post (EVA) ladder/side norms; None: from the backbone",
                     choices=("pre", "post")),
      "checkpointing": Option(False, bool, "activation checkpointing of the side sub-blocks"),
      "stream": Option(False, bool, "advance the frozen tower level by level (lower peak memory)"),
-     "pos_std": Option(None, float, "init std of the position embedding (None: 0.01 CLIP, 0.02 EVA)")},
+     "pos_std": Option(None, float, "init std of the position embedding (None: 0.01 CLIP, 0.02 EVA)",
+                       valid=lambda v: v >= 0, expected="a non-negative number or None")},
     inject=_inject, checkpointing="option", backbone_grad=False, joint_space=False))

@@ -94,7 +94,7 @@ class STAdapterBlock(nn.Module):
 
 
 # ---------------------------------------------------------------------- registration
-from .registry import InjectContext, Injected, MethodSpec, Option, register_method  # noqa: E402
+from .registry import InjectContext, Injected, MethodSpec, Option, positive_int, register_method  # noqa: E402
 
 
 def _inject(ctx: InjectContext) -> Injected:
@@ -102,8 +102,6 @@ def _inject(ctx: InjectContext) -> Injected:
     tower, o = ctx.tower, ctx.options
     where = PRESETS[o["preset"]]
     r = o["bottleneck"]
-    if r < 1:
-        raise ValueError(f"option bottleneck={r} of method 'st_adapter' must be a positive int")
 
     def make():
         return STAdapter(tower.width, r, ctx.num_frames, layout=tower.layout, backend=o["backend"]).to(**ctx.factory)
@@ -118,5 +116,5 @@ register_method(MethodSpec(
     "st_adapter",
     {"preset": Option("12x384", str, "adapter placement: 12x384 (before each MLP) or 24x384 (attention and MLP)",
                       choices=tuple(PRESETS)),
-     "bottleneck": Option(384, int, "bottleneck width r")},
+     "bottleneck": positive_int("bottleneck width r", 384)},
     inject=_inject))

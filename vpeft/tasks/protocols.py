@@ -86,6 +86,21 @@ def _gather_by_index(index: torch.Tensor, rows: Sequence[torch.Tensor], info: Di
     return [torch.cat([p[1][j] for p in parts])[order] for j in range(len(rows))]
 
 
+def _eval_dataset(cfg: Dict[str, Any], samples: Sequence[Sample], video_model):
+    """An evaluation dataset that never substitutes: an unreadable video is excluded (and reported),
+    or with ``data.strict`` an error."""
+    ds = dataset_from_samples(cfg, samples, video_model, train=False)
+    ds.on_unreadable = "raise" if cfg["data"]["strict"] else "skip"
+    return ds
+
+
+def _skipped_report(skipped: List[str], info: DistInfo) -> Dict[str, Any]:
+    names = sorted(p for part in all_gather_objects(list(skipped), info) for p in part)
+    if names:
+        log.warning("evaluation: %d unreadable video(s) excluded: %s", len(names), ", ".join(names[:8]))
+    return {"videos_skipped": len(names), "videos_skipped_names": names}
+
+
 def _check_files(cfg: Dict[str, Any], train: bool) -> None:
     import os
 
@@ -178,15 +193,18 @@ class VideoTextTask(Task):
             names = read_class_names(t["eval_class_names"])
             clf = VideoTextClassifier(model.video_model, names, t["template"])
         val = read_list(d["val_list"], num_classes=len(names), class_names=names)
-        ds = dataset_from_samples(self.cfg, val, model.video_model, train=False)
+        ds = _eval_dataset(self.cfg, val, model.video_model)
         loader, sampler = build_loader(ds, eval_batch_size(self.cfg, self.info), self.info, self.cfg,
                                        train=False)
         sampler.set_epoch(0)
         was = model.training
         model.eval()
-        feats, labels, index = [], [], []
+        feats, labels, index, skipped = [], [], [], []
         try:
             for b in loader:
+                skipped += b["failed"]
+                if b["video"] is None:
+                    continue
                 video = b["video"].to(device)
                 bsz, v = video.shape[:2]
                 with autocast():
@@ -201,6 +219,7 @@ class VideoTextTask(Task):
                                          [torch.cat(feats) if feats else torch.zeros(0, 1),
                                           torch.cat(labels) if labels else empty], self.info)
         out: Dict[str, Any] = dict(self.summary)
+        out.update(_skipped_report(skipped, self.info))
         if self.name == "zero_shot":
             splits = [read_class_split(p, len(names)) for p in t["splits"]] or [list(range(len(names)))]
             out.update(zero_shot(clf, feats, labels, splits))
@@ -286,18 +305,30 @@ class RetrievalTask(Task):
     def evaluate(self, model, device, autocast, progress=False):
         """Embed each distinct video of ``data.val_list`` once (first test view), every caption once."""
         _, captions, c2v, unique = caption_samples(self.cfg["data"]["val_list"])
-        ds = dataset_from_samples(self.cfg, unique, model.video_model, train=False)
+        ds = _eval_dataset(self.cfg, unique, model.video_model)
         loader, sampler = build_loader(ds, eval_batch_size(self.cfg, self.info), self.info, self.cfg, train=False)
         sampler.set_epoch(0)
         was = model.training
         model.eval()
         try:
-            frames, index = [], []
+            frames, index, skipped = [], [], []
             for b in loader:
+                skipped += b["failed"]
+                if b["video"] is None:
+                    continue
                 with autocast():
                     frames.append(model.frame_embeddings(b["video"][:, 0].to(device)).float().cpu())
                 index.append(b["index"])
-            (frames,) = _gather_by_index(torch.cat(index), [torch.cat(frames)], self.info)
+            empty = torch.zeros(0, dtype=torch.long)
+            kept, frames = _gather_by_index(torch.cat(index) if index else empty,
+                                            [torch.cat(index) if index else empty,
+                                             torch.cat(frames) if frames else torch.zeros(0)], self.info)
+            if not len(kept):
+                raise ValueError(f"evaluation: none of the {len(unique)} videos of data.val_list could be read")
+            # captions of an excluded (unreadable) video are left out with it
+            new_id = {int(v): j for j, v in enumerate(kept.tolist())}
+            keep = [q for q, v in enumerate(c2v) if v in new_id]
+            captions, c2v = [captions[q] for q in keep], [new_id[c2v[q]] for q in keep]
             words, mask = model.text_embeddings(model.tokenize(captions))
             frames = frames.to(words.device)
             sim = torch.cat([model.matching(words[i:i + 64].float(), mask[i:i + 64], frames)
@@ -305,7 +336,8 @@ class RetrievalTask(Task):
         finally:
             model.train(was)
         out = retrieval_metrics(sim, c2v)
-        out["captions"], out["videos"] = len(captions), len(unique)
+        out["captions"], out["videos"] = len(captions), len(kept)
+        out.update(_skipped_report(skipped, self.info))
         return out
 
 
