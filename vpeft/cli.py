@@ -260,6 +260,10 @@ def build_parser(full: bool = True) -> argparse.ArgumentParser:
         add_plan_parser(sub)
     else:
         sub.add_parser("plan", help="largest batch that fits a GPU memory budget (see vpeft plan --help)")
+
+    from .data.annotations import add_prepare_data_parser   # vpeft prepare-data (dataset annotation files)
+
+    add_prepare_data_parser(sub)
     return p
 
 

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from .lists import Sample
 from .sampling import STRATEGIES, sample_indices
 from .transforms import TestTransform, TrainTransform
-from .video import VideoDecodeError, read_frames
+from .video import DEFAULT_FRAME_TEMPLATE, VideoDecodeError, read_frames, resolve_decoder
 
 log = logging.getLogger("vpeft.data")
 
@@ -37,6 +37,14 @@ class VideoDataset(Dataset):
             ``video`` is None, which :func:`collate` leaves out of the batch while keeping
             its path in ``failed``; evaluation over exactly the readable set) or
             ``"raise"`` (a :class:`VideoDecodeError` naming the file; ``--strict-data``).
+        decoder: ``data.decoder``: ``auto``, ``decord``, ``torchcodec`` or ``pyav`` (see
+            :mod:`vpeft.data.video`); resolved (and announced) once, here.
+        frame_template, frame_start_index: file names inside frame-folder samples.
+        min_frames: a video with fewer frames is unreadable ("too short").
+
+    Whether a sample is readable is decided in one place, :meth:`try_load`: a missing,
+    empty, corrupt, truncated or too-short video gives ``(None, reason)`` there.
+    ``__getitem__`` then applies ``on_unreadable``.
 
     Items are dicts: ``video`` ``(T, 3, S, S)`` when training, ``(V, T, 3, S, S)`` with
     ``V = num_clips * crops`` when testing; ``label``; ``index``; ``failed``: the paths
@@ -46,7 +54,9 @@ class VideoDataset(Dataset):
 
     def __init__(self, root: str, samples: Sequence[Sample], num_frames: int,
                  transform: Union[TrainTransform, TestTransform], *, sampling: str = "segment", stride: int = 1,
-                 num_clips: int = 1, seed: int = 0, max_replacements: int = 20, on_unreadable: str = "replace"):
+                 num_clips: int = 1, seed: int = 0, max_replacements: int = 20, on_unreadable: str = "replace",
+                 decoder: str = "auto", frame_template: str = DEFAULT_FRAME_TEMPLATE, frame_start_index: int = 1,
+                 min_frames: int = 1):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"video directory {root!r} does not exist (data.root)")
         if not samples:
@@ -68,6 +78,11 @@ class VideoDataset(Dataset):
         self.num_clips = 1 if self.train else int(num_clips)
         self.seed = int(seed)
         self.max_replacements = int(max_replacements)
+        if min_frames < 1:
+            raise ValueError(f"min_frames must be >= 1, got {min_frames}")
+        self.decoder = resolve_decoder(decoder)     # the backend order; workers inherit it
+        self.read_options = dict(frame_template=frame_template, frame_start_index=int(frame_start_index),
+                                 min_frames=int(min_frames))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -79,9 +94,10 @@ class VideoDataset(Dataset):
     def _load(self, index: int, rng: np.random.Generator) -> Tuple[torch.Tensor, int]:
         s = self.samples[index]
         path = os.path.join(self.root, s.path)
+        opts = dict(decoder=self.decoder, start=s.start, end=s.end, **self.read_options)
         if self.train:
             frames = read_frames(path, lambda n: sample_indices(
-                self.sampling, n, self.num_frames, train=True, stride=self.stride, rng=rng))
+                self.sampling, n, self.num_frames, train=True, stride=self.stride, rng=rng), **opts)
             return self.transform(frames, s.label, rng)
         per_clip: List[List[int]] = []
 
@@ -90,12 +106,20 @@ class VideoDataset(Dataset):
                                            clip=k, num_clips=self.num_clips) for k in range(self.num_clips))
             return sorted({i for c in per_clip for i in c})
 
-        frames = read_frames(path, choose)
+        frames = read_frames(path, choose, **opts)
         where = {f: j for j, f in enumerate(sorted({i for c in per_clip for i in c}))}
         views = []
         for clip in per_clip:
             views.extend(self.transform(frames[[where[i] for i in clip]]))
         return torch.stack(views), s.label
+
+    def try_load(self, index: int, rng: np.random.Generator) -> Tuple[Optional[Tuple[torch.Tensor, int]], Optional[str]]:
+        """``((video, label), None)`` for a readable sample, ``(None, reason)`` for an
+        unreadable one. The one place that decides a sample is unreadable."""
+        try:
+            return self._load(index, rng), None
+        except VideoDecodeError as e:
+            return None, str(e)
 
     def __getitem__(self, key) -> Dict[str, Any]:
         index, epoch = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), 0)
@@ -103,21 +127,19 @@ class VideoDataset(Dataset):
         current = index
         for attempt in range(self.max_replacements + 1):
             rng = np.random.default_rng([self.seed, epoch, index, attempt])
-            try:
-                video, label = self._load(current, rng)
-                return {"video": video, "label": label, "index": current, "failed": failed}
-            except VideoDecodeError as e:
-                if self.on_unreadable == "raise":
-                    raise VideoDecodeError(f"unreadable video {self.samples[current].path!r} under {self.root!r} "
-                                           f"({e}); without --strict-data (data.strict=false) evaluation "
-                                           "excludes it and reports it") from e
-                if self.on_unreadable == "skip":
-                    log.warning("excluding unreadable video %s (%s)", self.samples[current].path, e)
-                    return {"video": None, "label": self.samples[current].label, "index": current,
-                            "failed": [self.samples[current].path]}
-                log.warning("skipping video %d (%s); replacing it with another sample", current, e)
-                failed.append(self.samples[current].path)
-                current = int(rng.integers(len(self.samples)))
+            loaded, why = self.try_load(current, rng)
+            if loaded is not None:
+                return {"video": loaded[0], "label": loaded[1], "index": current, "failed": failed}
+            path = self.samples[current].path
+            if self.on_unreadable == "raise":
+                raise VideoDecodeError(f"unreadable video {path!r} under {self.root!r} ({why}); without "
+                                       "--strict-data (data.strict=false) evaluation excludes it and reports it")
+            if self.on_unreadable == "skip":
+                log.warning("excluding unreadable video %s (%s)", path, why)
+                return {"video": None, "label": self.samples[current].label, "index": current, "failed": [path]}
+            log.warning("skipping video %d (%s); replacing it with another sample", current, why)
+            failed.append(path)
+            current = int(rng.integers(len(self.samples)))
         raise RuntimeError(f"{len(failed)} videos in a row could not be decoded, starting at "
                            f"{self.samples[index].path!r} under {self.root!r}: {failed[:5]}; "
                            "check data.root and the list file")

@@ -7,7 +7,12 @@ Two list formats are read:
   starting with ``#`` are skipped). This is the Kinetics / SSv2 ``train.txt`` layout
   used by mmaction and VideoMAE.
 * CSV with a header row: a path column (``path``, ``video``, ``filename`` or
-  ``video_id``) and a label column (``label``, ``label_id``, ``class`` or ``target``).
+  ``video_id``) and a label column (``label``, ``label_id``, ``class`` or ``target``),
+  and optionally ``start`` / ``end`` columns (or ``time_start`` / ``time_end``): the
+  clip is that window, in seconds, of the video (an empty cell means "from the
+  beginning" / "to the end"). This is how untrimmed Kinetics videos are listed.
+
+A path may name a frame folder (a directory of ``img_00001.jpg`` ...) instead of a file.
 
 Labels are integers in ``[0, num_classes)``, or class names when a class-name list is
 given. Every error names the file and the 1-based line number.
@@ -21,6 +26,8 @@ from typing import Dict, List, Optional, Sequence
 
 PATH_COLUMNS = ("path", "video", "filename", "video_id")
 LABEL_COLUMNS = ("label", "label_id", "class", "target")
+START_COLUMNS = ("start", "time_start")
+END_COLUMNS = ("end", "time_end")
 
 
 class ListFileError(ValueError):
@@ -29,10 +36,13 @@ class ListFileError(ValueError):
 
 @dataclass(frozen=True)
 class Sample:
-    """One entry of a list file: the video's path relative to the root, and its label."""
+    """One entry of a list file: the video's path relative to the root, its label, and
+    optionally the ``[start, end)`` window in seconds the clip is taken from."""
 
     path: str
     label: int
+    start: Optional[float] = None
+    end: Optional[float] = None
 
 
 def read_class_names(path: str) -> List[str]:
@@ -136,6 +146,8 @@ def _read_csv(path, lines, names, num_classes) -> List[Sample]:
     if pcol is None or lcol is None:
         raise ListFileError(f"{path}:{start + 1}: CSV header {header} needs a path column (one of {PATH_COLUMNS}) "
                             f"and a label column (one of {LABEL_COLUMNS})")
+    scol = next((header.index(c) for c in START_COLUMNS if c in header), None)
+    ecol = next((header.index(c) for c in END_COLUMNS if c in header), None)
     out = []
     for off, row in enumerate(reader, start=start + 2):
         if not row or not any(c.strip() for c in row):
@@ -145,5 +157,42 @@ def _read_csv(path, lines, names, num_classes) -> List[Sample]:
         p = row[pcol].strip()
         if not p:
             raise ListFileError(f"{path}:{off}: empty video path")
-        out.append(Sample(p, _label(row[lcol], f"{path}:{off}", names, num_classes)))
+        where = f"{path}:{off}"
+        t0 = _seconds(row[scol], where, "start") if scol is not None else None
+        t1 = _seconds(row[ecol], where, "end") if ecol is not None else None
+        if t0 is not None and t1 is not None and t1 <= t0:
+            raise ListFileError(f"{where}: end {t1} is not after start {t0}")
+        out.append(Sample(p, _label(row[lcol], where, names, num_classes), t0, t1))
     return out
+
+
+def _seconds(value: str, where: str, what: str) -> Optional[float]:
+    value = value.strip()
+    if not value:
+        return None
+    try:
+        t = float(value)
+    except ValueError:
+        raise ListFileError(f"{where}: {what} time {value!r} is not a number of seconds") from None
+    if not t >= 0:
+        raise ListFileError(f"{where}: {what} time {t} is negative")
+    return t
+
+
+def write_list(path: str, samples: Sequence[Sample]) -> None:
+    """Write ``samples`` so that :func:`read_list` reads them back: ``path label`` lines, or
+    a ``path,label,start,end`` CSV when any sample is trimmed (or a path has a comma or
+    starts with ``#``, which the plain format cannot hold)."""
+    trimmed = any(s.start is not None or s.end is not None for s in samples)
+    plain_ok = not trimmed and all("," not in s.path and not s.path.startswith("#") and s.path == s.path.strip()
+                                   and "\n" not in s.path for s in samples)
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        if plain_ok:
+            f.writelines(f"{s.path} {s.label}\n" for s in samples)
+        else:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(["path", "label", "start", "end"])
+            w.writerows([s.path, s.label, "" if s.start is None else f"{s.start:g}", "" if s.end is None else f"{s.end:g}"]
+                        for s in samples)
+    os.replace(tmp, path)

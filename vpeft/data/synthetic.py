@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -128,18 +128,42 @@ def render_video(label: int, rng: np.random.Generator, *, size: int = 40, frames
     return out
 
 
-def write_mp4(path: str, frames: np.ndarray, fps: int = 8, crf: int = 18) -> None:
-    """Write ``uint8 (T, H, W, 3)`` frames as an H.264 mp4 with PyAV (atomically)."""
+def write_mp4(path: str, frames: np.ndarray, fps: int = 8, crf: int = 18, *, bframes: int = 0,
+              gop: Optional[int] = None, pts_ms: Optional[Sequence[int]] = None, faststart: bool = False) -> None:
+    """Write ``uint8 (T, H, W, 3)`` frames as an H.264 mp4 with PyAV (atomically).
+
+    Args:
+        fps: frame rate (the nominal rate when ``pts_ms`` is given).
+        crf: x264 quality.
+        bframes: B-frames between references (0: none, so decode order is display order).
+        gop: keyframe interval in frames (default x264's); scene-cut keyframes are off
+            when it is given, so keyframes fall exactly every ``gop`` frames.
+        pts_ms: per-frame presentation times in milliseconds, for a variable-frame-rate file.
+        faststart: put the index (moov atom) first, as streaming files have it.
+    """
+    import fractions
+
     import av
 
     tmp = path + ".tmp.mp4"
-    with av.open(tmp, "w") as c:
+    with av.open(tmp, "w", options={"movflags": "+faststart"} if faststart else {}) as c:
         s = c.add_stream("libx264", rate=fps)
         s.width, s.height = frames.shape[2], frames.shape[1]
         s.pix_fmt = "yuv420p"
-        s.options = {"crf": str(crf), "preset": "veryfast", "bf": "0"}
-        for f in frames:
-            for pkt in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+        opts = {"crf": str(crf), "preset": "veryfast", "bf": str(int(bframes))}
+        if gop is not None:
+            opts.update(g=str(int(gop)), keyint_min=str(int(gop)), sc_threshold="0")
+        s.options = opts
+        ms = fractions.Fraction(1, 1000)
+        if pts_ms is not None:
+            if len(pts_ms) != len(frames) or any(b <= a for a, b in zip(pts_ms, pts_ms[1:])):
+                raise ValueError("pts_ms must give one strictly increasing time per frame")
+            s.time_base = s.codec_context.time_base = ms
+        for i, f in enumerate(frames):
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
+            if pts_ms is not None:
+                vf.pts, vf.time_base = int(pts_ms[i]), ms
+            for pkt in s.encode(vf):
                 c.mux(pkt)
         for pkt in s.encode():
             c.mux(pkt)

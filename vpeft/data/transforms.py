@@ -23,10 +23,35 @@ def _to_float(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def _resize(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+from ..engine.config import INTERPOLATIONS  # noqa: E402,F401 - the schema declares the choices (one place)
+
+
+def _resize(x: torch.Tensor, size: Tuple[int, int], mode: str) -> torch.Tensor:
+    """Antialiased resize of ``(T, 3, H, W)`` in ``[0, 1]``; bicubic overshoot is clipped."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    if mode not in INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {mode!r} (data.resize); expected one of {INTERPOLATIONS}")
+    out = F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
+    return out.clamp_(0, 1) if mode == "bicubic" else out
+
+
+def backbone_interpolation(visual) -> str:
+    """The resize filter of a backbone's own image preprocessing: the ``interpolation`` of
+    open_clip's ``preprocess_cfg`` on the vision tower, else open_clip's default, bicubic."""
+    cfg = getattr(visual, "preprocess_cfg", None) or {}
+    mode = str(cfg.get("interpolation") or "bicubic")
+    return mode if mode in INTERPOLATIONS else "bicubic"
+
+
+def resolve_interpolation(choice: str, visual) -> str:
+    """``data.resize``: ``auto`` (the backbone's own, see :func:`backbone_interpolation`),
+    ``bicubic`` or ``bilinear`` (both antialiased)."""
+    if choice == "auto" and visual is not None:
+        return backbone_interpolation(visual)
+    if choice not in INTERPOLATIONS:
+        raise ValueError(f"data.resize={choice!r}; expected 'auto' or one of {INTERPOLATIONS}")
+    return choice
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -49,6 +74,7 @@ class TrainTransform:
         color_jitter: strength ``s`` of brightness, contrast and saturation jitter
             (factors uniform in ``[1 - s, 1 + s]``), applied with probability ``color_jitter_p``.
         grayscale: probability of converting the clip to grayscale.
+        interpolation: ``bicubic`` (open_clip's preprocessing) or ``bilinear``, both antialiased.
     """
 
     size: int
@@ -61,6 +87,10 @@ class TrainTransform:
     color_jitter: float = 0.0
     color_jitter_p: float = 0.8
     grayscale: float = 0.0
+    interpolation: str = "bicubic"
+
+    def __post_init__(self):
+        resolve_interpolation(self.interpolation, None)
 
     def crop_box(self, h: int, w: int, rng: np.random.Generator) -> Tuple[int, int, int, int]:
         """``(top, left, height, width)`` of a random resized crop (torchvision's rule)."""
@@ -80,7 +110,7 @@ class TrainTransform:
         """Augment one clip; returns ``((T, 3, S, S) tensor, label after any flip)``."""
         x = _to_float(frames)
         t, l, ch, cw = self.crop_box(x.shape[-2], x.shape[-1], rng)
-        x = _resize(x[..., t:t + ch, l:l + cw], (self.size, self.size))
+        x = _resize(x[..., t:t + ch, l:l + cw], (self.size, self.size), self.interpolation)
         if rng.random() < self.flip:
             x = x.flip(-1)
             label = int(self.flip_label_map.get(label, label))
@@ -103,7 +133,7 @@ class TestTransform:
     """Test-time views: resize the short side to ``resize``, then ``num_crops`` crops of ``size``.
 
     ``num_crops`` 1 is the centre crop; 3 takes the two ends and the centre along the
-    long side (the usual "3 crops" protocol).
+    long side (the usual "3 crops" protocol). ``interpolation`` as in :class:`TrainTransform`.
     """
 
     __test__ = False  # not a pytest test class
@@ -113,10 +143,12 @@ class TestTransform:
     std: Sequence[float]
     resize: Optional[int] = None
     num_crops: int = 1
+    interpolation: str = "bicubic"
 
     def __post_init__(self):
         if self.num_crops not in (1, 3):
             raise ValueError(f"test crops must be 1 or 3, got {self.num_crops}")
+        resolve_interpolation(self.interpolation, None)
 
     def __call__(self, frames: np.ndarray) -> List[torch.Tensor]:
         """All spatial views of one clip, each ``(T, 3, S, S)``."""
@@ -125,7 +157,7 @@ class TestTransform:
         short = self.resize or self.size
         if min(h, w) != short:
             nh, nw = (short, max(short, round(w * short / h))) if h <= w else (max(short, round(h * short / w)), short)
-            x = _resize(x, (nh, nw))
+            x = _resize(x, (nh, nw), self.interpolation)
             h, w = nh, nw
         s = self.size
         if self.num_crops == 1:

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from ..backbones.build import create_backbone
 from ..data import EpochSampler, TestTransform, TrainTransform, VideoDataset, collate, read_class_names, read_list
+from ..data.transforms import resolve_interpolation
 from ..methods.registry import get_method
 from ..model import VideoModel, adapt
 from .config import ConfigError, flip_label_map
@@ -123,15 +124,20 @@ def dataset_from_samples(cfg: Dict[str, Any], samples, model: VideoModel, train:
     d = cfg["data"]
     root = _root(cfg)
     size = model.tower.image_size[0]
+    interp = resolve_interpolation(d["resize"], model.tower.visual)
     if train:
         tf = TrainTransform(size, model.tower.mean, model.tower.std, scale=tuple(float(x) for x in d["crop_scale"]),
                             flip=float(d["flip"]), flip_label_map=flip_label_map(d["flip_label_map"]),
-                            color_jitter=float(d["color_jitter"]), grayscale=float(d["grayscale"]))
+                            color_jitter=float(d["color_jitter"]), grayscale=float(d["grayscale"]),
+                            interpolation=interp)
     else:
-        tf = TestTransform(size, model.tower.mean, model.tower.std, resize=d["test_resize"], num_crops=d["test_crops"])
+        tf = TestTransform(size, model.tower.mean, model.tower.std, resize=d["test_resize"], num_crops=d["test_crops"],
+                           interpolation=interp)
     return VideoDataset(root, samples, model.num_frames, tf, sampling=d["sampling"], stride=d["stride"],
                         num_clips=d["test_clips"], seed=cfg["train"]["seed"],
-                        max_replacements=d["max_replacements"])
+                        max_replacements=d["max_replacements"], decoder=d["decoder"],
+                        frame_template=d["frame_template"], frame_start_index=d["frame_start_index"],
+                        min_frames=d["min_frames"])
 
 
 def build_loader(ds: VideoDataset, batch: int, info: DistInfo, cfg: Dict[str, Any], *, train: bool):

@@ -47,6 +47,11 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "max_replacements": 20,      # training: other videos tried when one cannot be decoded
         "strict": False,             # evaluation: an unreadable video is an error (--strict-data) instead of
                                      # being excluded, named and counted (videos_skipped)
+        "decoder": "auto",           # auto (decord, torchcodec, pyav: first that loads and opens), or one of them
+        "frame_template": "img_{:05d}.jpg",  # file names in frame-folder samples (str.format of the frame number)
+        "frame_start_index": 1,      # number of a frame folder's first image
+        "min_frames": 1,             # a video with fewer frames is skipped as too short
+        "resize": "auto",            # auto (the backbone's own: bicubic for open_clip), bicubic or bilinear
     },
     "train": {
         "epochs": 30,
@@ -91,6 +96,11 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
 }
 
 SECTIONS = ("model", "data", "train", "task")
+DECODERS = ("decord", "torchcodec", "pyav")
+"""``data.decoder`` backends, in the order ``auto`` tries them (:mod:`vpeft.data.video`)."""
+DECODER_CHOICES = ("auto",) + DECODERS
+INTERPOLATIONS = ("bicubic", "bilinear")
+"""``data.resize`` interpolations besides ``auto`` (:mod:`vpeft.data.transforms`)."""
 TASK_NAMES = ("recognition", "zero_shot", "few_shot", "base_to_novel", "retrieval")
 """``task.name`` values: recognition (:mod:`vpeft.engine.task`) and the video-language tasks (:mod:`vpeft.tasks`)."""
 
@@ -234,6 +244,7 @@ def validate(cfg: Dict[str, Any]) -> None:
         raise ConfigError(f"data.sampling={d['sampling']!r}; expected 'segment' or 'dense'")
     if d["test_crops"] not in (1, 3):
         raise ConfigError(f"data.test_crops={d['test_crops']!r}; expected 1 or 3")
+    _validate_decoding(d)
     if t["precision"] not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision={t['precision']!r}; expected auto, fp32, bf16 or fp16")
     if t["max_steps"] is not None and (not isinstance(t["max_steps"], int) or t["max_steps"] < 1):
@@ -250,6 +261,26 @@ def validate(cfg: Dict[str, Any]) -> None:
             float(cfg[sec][k])
         except (TypeError, ValueError):
             raise ConfigError(f"{sec}.{k} must be a number, got {cfg[sec][k]!r}") from None
+
+
+def _validate_decoding(d: Dict[str, Any]) -> None:
+    if d["decoder"] not in DECODER_CHOICES:
+        raise ConfigError(f"data.decoder={d['decoder']!r}; expected one of {DECODER_CHOICES}")
+    if d["resize"] not in ("auto",) + INTERPOLATIONS:
+        raise ConfigError(f"data.resize={d['resize']!r}; expected 'auto' or one of {INTERPOLATIONS}")
+    for key in ("min_frames", "frame_start_index"):
+        v = d[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < (1 if key == "min_frames" else 0):
+            raise ConfigError(f"data.{key} must be a {'positive' if key == 'min_frames' else 'non-negative'} "
+                              f"integer, got {v!r}")
+    tpl = d["frame_template"]
+    try:
+        ok = isinstance(tpl, str) and tpl.format(1) != tpl
+    except (IndexError, KeyError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"data.frame_template={tpl!r} must be a str.format template of the frame number, "
+                          "e.g. 'img_{:05d}.jpg'")
 
 
 def _validate_task(cfg: Dict[str, Any]) -> None:

@@ -333,6 +333,7 @@ class Trainer:
                 self.model.train()
                 it = iter(self.loader)
                 skipped = torch.zeros(1, dtype=torch.long)
+                skipped_names: List[str] = []      # this rank's unreadable videos, for the epoch summary
                 epoch_steps = min(self.steps_per_epoch, self.total_steps - (self.global_step - self.step_in_epoch))
                 bar = tqdm(total=epoch_steps, initial=self.step_in_epoch, disable=None if self.progress else True,
                            desc=f"epoch {epoch + 1}/{self.epochs} train", unit="step", leave=False)
@@ -344,6 +345,7 @@ class Trainer:
                         batch = next(it)
                         if batch["failed"]:
                             skipped += len(batch["failed"])
+                            skipped_names.extend(p for p in batch["failed"] if p not in skipped_names)
                             log.warning("rank %d: %d unreadable video(s) replaced: %s", self.info.rank,
                                         len(batch["failed"]), batch["failed"][:3])
                         clips += self._clip_status(batch)
@@ -392,14 +394,17 @@ class Trainer:
                 n_skipped = int(all_reduce_sum(skipped, self.info))
                 self.skipped_total += n_skipped
                 if n_skipped:
-                    log.warning("epoch %d: %d unreadable video(s) were skipped and replaced", epoch + 1, n_skipped)
+                    log.warning("epoch %d: %d unreadable video(s) were skipped and replaced: %s%s", epoch + 1, n_skipped,
+                                ", ".join(skipped_names[:20]), f" and {len(skipped_names) - 20} more on rank "
+                                f"{self.info.rank}" if len(skipped_names) > 20 else "")
                 if not epoch_end:
                     self._save(out)   # stopped early (stop_at_step): keep the exact position
                     break
                 self.epoch += 1
                 self.step_in_epoch = 0
                 logger.write({"event": "epoch_end", "epoch": self.epoch, "step": self.global_step,
-                              "skipped_videos": n_skipped, "skipped_videos_total": self.skipped_total})
+                              "skipped_videos": n_skipped, "skipped_videos_total": self.skipped_total,
+                              "skipped_video_names": skipped_names})
                 if not int(t["checkpoint_every"]):
                     self._save(out)
                 finished = self.global_step >= self.total_steps
