@@ -28,7 +28,7 @@ def _create(name, meta=False):
 @pytest.mark.parametrize("method,options,expected", [
     ("st_adapter", dict(preset="12x384"), 7_110_144),
     ("st_adapter", dict(preset="24x384"), 14_220_288),
-    ("msta", dict(bottleneck=128, layers=(8, 12)), 1_744_000),
+    ("msta", dict(bottleneck=128, layers=(8, 12), text=True), 1_744_000),
 ])
 def test_trainable_parameters_vit_b16(method, options, expected):
     vm = vpeft.adapt(_create("ViT-B-16", meta=True), method, num_frames=8, num_classes=400, **options)
@@ -166,6 +166,8 @@ def _set_temporal_weights_nonzero(vm):
 def test_reversing_frames(method):
     vm = vpeft.adapt(tiny_clip(), method, num_frames=T, num_classes=5, **METHOD_OPTIONS[method]).eval()
     _set_temporal_weights_nonzero(vm)
+    with torch.no_grad():
+        vm.head.fc.weight.normal_(0, 0.5)  # the classifier starts small (N(0, 0.02)); make its input visible
     if method == "st_adapter":
         with torch.no_grad():
             for n, p in vm.named_parameters():

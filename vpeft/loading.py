@@ -54,6 +54,12 @@ def from_pretrained(directory: str, backbone: Union[nn.Module, str, None] = None
     vm.backbone_name = saved.get("name")
     if device is not None:
         vm = vm.to(device)
+    out = vm
+    if cfg["kind"] == "retrieval":
+        from .tasks.retrieval import RetrievalModel   # only for this kind: the tasks package is larger
+
+        # built before the fingerprint: the retrieval model also trains a few backbone tensors
+        out = RetrievalModel(vm, train_text=bool(cfg["extra"].get("train_text", False)))
     if check_fingerprint and saved.get("fingerprint"):
         got = backbone_fingerprint(vm)
         if got != saved["fingerprint"]:
@@ -61,10 +67,7 @@ def from_pretrained(directory: str, backbone: Union[nn.Module, str, None] = None
                              f"the adapters were trained on (fingerprint {saved['fingerprint']}); load the same "
                              "backbone weights, or pass check_fingerprint=False to load anyway")
     state = load_file(os.path.join(directory, WEIGHTS_NAME))
-    if cfg["kind"] == "retrieval":
-        from .tasks.retrieval import RetrievalModel   # only for this kind: the tasks package is larger
-
-        out = RetrievalModel(vm, train_text=bool(cfg["extra"].get("train_text", False)))
+    if out is not vm:
         check_weights(state, out.trained_state_dict(), directory)
         out.load_trained_state_dict(state)
         return out

@@ -16,12 +16,18 @@ METHODS = BUILTIN_METHODS
 
 
 class ClassifierHead(nn.Module):
-    """Dropout then ``Linear(D -> classes)`` on the pooled, normalised [CLS] feature."""
+    """Dropout then ``Linear(D -> classes)`` on the pooled, normalised [CLS] feature.
+
+    The classifier starts at ``N(0, 0.02)`` weights and zero bias (ST-Adapter's released
+    ``models_adapter.py``).
+    """
 
     def __init__(self, width: int, num_classes: int, dropout: float = 0.5):
         super().__init__()
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(width, num_classes)
+        nn.init.normal_(self.fc.weight, std=0.02)  # ST-Adapter's released classifier init
+        nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.drop(x))

@@ -95,7 +95,9 @@ def token_shift_attention(s, c, pos, ln_weight, ln_bias, w_qkv, b_qkv, w_out, b_
         raise ValueError(f"s must be 3-D (B*T, N, d), got shape {tuple(s.shape)}")
     bt, n, d = s.shape
     _shape("c", c, (bt, d))
-    _shape("pos", pos, (n, d))
+    if tuple(pos.shape) not in ((n, d), (n + 1, d)):
+        raise ValueError(f"pos has shape {tuple(pos.shape)}, expected {(n, d)} (patches) or {(n + 1, d)} "
+                         "(a [CLS] row first)")
     if (ln_weight is None) != (ln_bias is None):
         raise ValueError("ln_weight and ln_bias must both be given or both be None")
     if ln_weight is not None:

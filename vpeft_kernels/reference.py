@@ -187,7 +187,7 @@ def token_shift_attention(s, c, pos, ln_weight, ln_bias, w_qkv, b_qkv, w_out, b_
                           num_frames, num_heads, eps=1e-5):
     """Side4Video attention of the N patch tokens over themselves plus the shifted [CLS].
 
-    ``x = LN(cat([token_shift(c), s + pos]))`` (``N+1`` tokens per frame; LayerNorm
+    ``x = LN(cat([token_shift(c), s] + pos))`` (``N+1`` tokens per frame; LayerNorm
     skipped when ``ln_weight is None``, as in post-norm side blocks), ``q`` from the N
     patch rows of ``x``, ``k, v`` from all ``N+1`` rows, ``num_heads`` heads of width
     ``d / num_heads``, softmax attention with scale ``head_dim ** -0.5``, then the
@@ -195,7 +195,9 @@ def token_shift_attention(s, c, pos, ln_weight, ln_bias, w_qkv, b_qkv, w_out, b_
 
     Args:
         s: ``(B*T, N, d)`` side tokens. c: ``(B*T, d)`` projected [CLS] per frame,
-        before the shift. pos: ``(N, d)``. ln_weight, ln_bias: ``(d,)`` or None.
+        before the shift. pos: ``(N, d)``, added to the patches only, or ``(N+1, d)``,
+        whose row 0 is added to the shifted [CLS] (the released retrieval side network).
+        ln_weight, ln_bias: ``(d,)`` or None.
         w_qkv: ``(3d, d)``, b_qkv: ``(3d,)`` (rows q, k, v). w_out: ``(d, d)``, b_out: ``(d,)``.
 
     Returns:
@@ -206,7 +208,10 @@ def token_shift_attention(s, c, pos, ln_weight, ln_bias, w_qkv, b_qkv, w_out, b_
         raise ValueError(f"side width d={d} is not divisible by num_heads={num_heads}")
     hd = d // num_heads
     cs = token_shift(c, num_frames)
-    x = torch.cat([cs[:, None], s + pos], dim=1)                # (BT, N+1, d)
+    if pos.shape[0] == n + 1:
+        x = torch.cat([cs[:, None], s], dim=1) + pos            # (BT, N+1, d)
+    else:
+        x = torch.cat([cs[:, None], s + pos], dim=1)
     if ln_weight is not None:
         x = F.layer_norm(x, (d,), ln_weight, ln_bias, eps)
     q = F.linear(x[:, 1:], w_qkv[:d], b_qkv[:d])

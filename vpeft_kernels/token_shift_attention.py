@@ -522,6 +522,8 @@ def _reasons(s, c, pos, ln_weight, ln_bias, w_qkv, b_qkv, w_out, b_out, *, num_f
         why.append(f"head dim {d // num_heads} is not one of {SUPPORTED_HEAD_DIMS}")
     if s.shape[1] < 1:
         why.append("needs at least one patch token (N >= 1)")
+    if pos.shape[0] != s.shape[1]:
+        why.append("supports a patch-only position embedding (N, d), not one with a [CLS] row (N+1, d)")
     return why
 
 

@@ -4,13 +4,61 @@ layer, with vision and text adapters sharing the bottleneck layer (the branch's 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from ..backbones.towers import BlockOps
 from . import ops
+
+DEFAULT_LAST_BLOCKS = 5
+"""The released runs adapt blocks 8..12 of 12: the last five blocks of each tower."""
+
+LayerSpec = Union[None, Tuple[int, int], Tuple[Tuple[int, int], Tuple[int, int]]]
+
+
+def _span(pair, depth: int, tower: str, given) -> range:
+    if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in pair)):
+        raise ValueError(f"layers must be a (first, last) pair of 1-based ints, or a pair of such pairs "
+                         f"((vision), (text)); got {given!r}")
+    first, last = pair
+    if not 1 <= first <= last <= depth:
+        raise ValueError(f"layers={tuple(pair)} is outside the model's {tower} tower: "
+                         f"expected 1 <= first <= last <= {depth} "
+                         f"({tower} depth {depth})")
+    return range(first - 1, last)
+
+
+def msta_layers(layers: LayerSpec, vision_depth: int, text_depth: Optional[int]) -> Tuple[range, Optional[range]]:
+    """0-based blocks of the vision and the text tower that get an MSTA layer.
+
+    ``layers``:
+      - ``None`` (default): the last :data:`DEFAULT_LAST_BLOCKS` blocks of each tower
+        (ViT-L/14 with a 12-block text tower: vision 20..24, text 8..12, 1-based);
+      - ``(first, last)``: 1-based, inclusive, the same range in both towers;
+      - ``((first_v, last_v), (first_t, last_t))``: a range per tower.
+
+    The k-th adapted vision block and the k-th adapted text block share one
+    :class:`FusedMSTA`, so with a text tower both ranges must have the same length.
+    ``text_depth=None``: vision adapters only (the text range is None).
+    """
+    if layers is None:
+        n = min(DEFAULT_LAST_BLOCKS, vision_depth, text_depth or vision_depth)
+        vis = range(vision_depth - n, vision_depth)
+        return vis, (None if text_depth is None else range(text_depth - n, text_depth))
+    per_tower = (isinstance(layers, (tuple, list)) and len(layers) == 2
+                 and all(isinstance(p, (tuple, list)) for p in layers))
+    pv, pt = (layers[0], layers[1]) if per_tower else (layers, layers)
+    vis = _span(pv, vision_depth, "vision", layers)
+    if text_depth is None:
+        return vis, None
+    txt = _span(pt, text_depth, "text", layers)
+    if len(vis) != len(txt):
+        raise ValueError(f"layers={layers!r} adapts {len(vis)} vision and {len(txt)} text blocks; each MSTA layer "
+                         "is shared by one vision and one text block, so the two ranges need the same length")
+    return vis, txt
 
 
 class FusedMSTA(nn.Module):
@@ -124,48 +172,32 @@ from .registry import (InjectContext, Injected, MethodSpec, Option, fraction, po
                        register_method)
 
 
-def _check_layers(layers, depth_v: int, depth_t: Optional[int]):
-    if (not isinstance(layers, (tuple, list)) or len(layers) != 2
-            or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers)):
-        raise ValueError(f"layers must be a (first, last) pair of 1-based ints, got {layers!r}")
-    first, last = layers
-    depth = depth_v if depth_t is None else min(depth_v, depth_t)
-    if not 1 <= first <= last <= depth:
-        where = f"vision depth {depth_v}" + ("" if depth_t is None else f", text depth {depth_t}")
-        raise ValueError(f"layers={tuple(layers)} is outside the model: expected 1 <= first <= last <= {depth} "
-                         f"({where})")
-    return first, last
-
-
 def _inject(ctx: InjectContext) -> Injected:
     """One :class:`FusedMSTA` per adapted layer, shared by the vision block and (with ``text``) the text block."""
     tower, o = ctx.tower, ctx.options
-    use_text = ctx.text is not None if o["text"] is None else o["text"]
+    # a classifier does not use the text tower: no (untrained) text adapters unless asked
+    use_text = (ctx.text is not None and ctx.num_classes is None) if o["text"] is None else o["text"]
     if use_text and ctx.text is None:
         raise ValueError("text=True but this model has no text tower")
     t = ctx.text if use_text else None
-    default = (max(1, tower.depth - 4), tower.depth)   # the last five vision layers
-    first, last = _check_layers(default if o["layers"] is None else o["layers"], tower.depth,
-                                len(t.blocks) if t else None)
+    vis, txt = msta_layers(o["layers"], tower.depth, len(t.blocks) if t else None)
     msta = nn.ModuleList()
-    for i in range(first - 1, last):
+    for k, i in enumerate(vis):
         m = FusedMSTA(tower.width, t.width if t else None, o["bottleneck"], ctx.num_frames, scale=o["scale"],
                       dropout=o["adapter_dropout"], layout=tower.layout, backend=o["backend"]).to(**ctx.factory)
         msta.append(m)
         tower.blocks[i] = MSTABlock(tower.blocks[i], tower.ops, m, "vision")
         if t is not None:
-            t.blocks[i] = MSTABlock(t.blocks[i], t.ops, m, "text")
+            t.blocks[txt[k]] = MSTABlock(t.blocks[txt[k]], t.ops, m, "text")
     return Injected(msta=msta)
 
 
 register_method(MethodSpec(
     "msta",
     {"bottleneck": positive_int("bottleneck width r (must divide the vision width)", 128),
-     "layers": Option(None, (list, tuple), "1-based inclusive (first, last) layers of both towers; "
-                                           "None: the last five vision layers",
-                      valid=lambda v: len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in v),
-                      expected="a (first, last) pair of 1-based ints or None"),
+     "layers": Option(None, (list, tuple), "None (the last blocks of each tower), a 1-based inclusive "
+                                           "(first, last) for both towers, or one pair per tower (msta_layers)"),
      "scale": Option(0.005, float, "adapter output scale s"),
      "adapter_dropout": fraction("dropout on the shared bottleneck", 0.1),
-     "text": Option(None, bool, "adapt the text tower too (None: when the model has one)")},
+     "text": Option(None, bool, "adapt the text tower too (None: when the model has one and there is no classifier)")},
     inject=_inject, uses_text=True, find_unused_parameters=True))

@@ -152,6 +152,7 @@ class MethodSpec:
             it runs under ``no_grad``, as for a linear probe).
         trains_backbone: the backbone's own weights are trained (full fine-tuning).
         joint_space: ``encode_video`` lies in the image-text space (usable with text prompts).
+        common_defaults: the method's own defaults for common options (e.g. ``dropout``).
     """
 
     name: str
@@ -163,9 +164,14 @@ class MethodSpec:
     backbone_grad: bool = True
     trains_backbone: bool = False
     joint_space: bool = True
+    common_defaults: Mapping[str, Any] = None
 
     def all_options(self) -> Dict[str, Option]:
-        return {**COMMON_OPTIONS, **self.options}
+        common = dict(COMMON_OPTIONS)
+        for k, v in (self.common_defaults or {}).items():
+            o = common[k]
+            common[k] = Option(v, o.types, o.doc, choices=o.choices, valid=o.valid, expected=o.expected)
+        return {**common, **self.options}
 
     def resolve(self, given: Mapping[str, Any]) -> Dict[str, Any]:
         """Every option with defaults filled in; an unknown option is refused, listing the known ones."""
@@ -190,6 +196,10 @@ def register_method(spec: MethodSpec) -> MethodSpec:
         raise ValueError(f"checkpointing={spec.checkpointing!r}; expected 'blocks', 'option' or 'none'")
     if spec.checkpointing == "option" and "checkpointing" not in spec.options:
         raise ValueError(f"method {spec.name!r} declares checkpointing='option' but has no 'checkpointing' option")
+    unknown = sorted(set(spec.common_defaults or {}) - set(COMMON_OPTIONS))
+    if unknown:
+        raise ValueError(f"method {spec.name!r} sets defaults for {unknown}, which are not common options "
+                         f"{sorted(COMMON_OPTIONS)}")
     clash = sorted(set(spec.options) & set(COMMON_OPTIONS))
     if clash:
         raise ValueError(f"method {spec.name!r} redeclares the common option(s) {clash}")

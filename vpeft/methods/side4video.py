@@ -20,6 +20,8 @@ from vpeft_kernels.reference import temporal_taps
 from . import ops
 
 HEAD_DIM = 64
+RELEASED_INIT_DEPTH = 12
+"""Depth in the released side blocks' output-projection init ``d^-0.5 * (2 * 12)^-0.5`` (fixed there)."""
 
 
 def ladder_layers(backbone_layers: int, side_layers: int) -> List[int]:
@@ -37,10 +39,45 @@ def ladder_layers(backbone_layers: int, side_layers: int) -> List[int]:
     return [(i + 1) * step - 1 for i in range(side_layers)]
 
 
-class TokenBatchNorm(nn.BatchNorm1d):
+def recomputing() -> bool:
+    """True while autograd is running a backward pass on this thread.
+
+    A module's forward that runs then is a recomputation (activation checkpointing,
+    reentrant or not, re-runs the checkpointed forward from inside the backward pass).
+    """
+    return torch._C._current_graph_task_id() != -1
+
+
+class _RecomputeSafeBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose running statistics are updated exactly once per forward pass of a step.
+
+    In training mode a forward that runs inside the backward pass (the recomputation of
+    an activation-checkpointed region) normalises with the same batch statistics as the
+    first forward, so it gives the same output, but leaves ``running_mean``,
+    ``running_var`` and ``num_batches_tracked`` alone. The released EVA side blocks get
+    the same effect by keeping their BatchNorms outside the checkpointed functions; this
+    way any checkpoint region (one per sub-block or one per side block) is safe.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and recomputing() and self.running_mean is not None:
+            self._check_input_dim(x)
+            # Scratch copies of the statistics: the op saves the same tensors for backward as
+            # the first forward did (the checkpoint checks that), and the real buffers stay put.
+            return F.batch_norm(x, self.running_mean.clone(), self.running_var.clone(), self.weight, self.bias,
+                                True, 0.0, self.eps)
+        return super().forward(x)
+
+
+class VideoBatchNorm(_RecomputeSafeBatchNorm, nn.BatchNorm3d):
+    """``BatchNorm3d`` on ``(B, d, T, H, W)``, safe under activation checkpointing."""
+
+
+class TokenBatchNorm(_RecomputeSafeBatchNorm, nn.BatchNorm1d):
     """BatchNorm over the channel (last) dim of tokens ``(..., d)``.
 
-    Same statistics and parameters as ``BatchNorm3d`` on the ``(B, d, T, H, W)`` view.
+    Same statistics and parameters as ``BatchNorm3d`` on the ``(B, d, T, H, W)`` view;
+    safe under activation checkpointing (see :class:`_RecomputeSafeBatchNorm`).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +110,7 @@ class SideStem(nn.Module):
         super().__init__()
         self.conv = nn.Conv3d(in_chans, width, (3, patch_size, patch_size), stride=(1, patch_size, patch_size),
                               padding=(1, 0, 0))
-        self.norm = nn.BatchNorm3d(width)
+        self.norm = VideoBatchNorm(width)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         """``video`` ``(B, 3, T, H, W)`` -> ``(B*T, N, d)``."""
@@ -127,7 +164,9 @@ class SideBlock(nn.Module):
     Pre-norm (CLIP): ``s += pw2(dw_t(pw1(BN(s))))``; ``s += MHA(LN(...))``;
     ``s += fc2(gelu(fc1(BN(s))))``. Post-norm (EVA): ``s += BN(conv(s))``;
     ``s += LN(attn(...))``; ``s += BN(mlp(s))``, each sub-block optionally under
-    activation checkpointing. Heads of width 64.
+    activation checkpointing. Heads of width 64. The BatchNorms update their running
+    statistics once per step also when a checkpointed sub-block is recomputed
+    (:class:`TokenBatchNorm`).
     """
 
     def __init__(self, width: int, num_frames: int, post_norm: bool = False, mlp_ratio: float = 4.0,
@@ -151,6 +190,32 @@ class SideBlock(nn.Module):
         self.mlp_norm = TokenBatchNorm(width)
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
+        if not post_norm:
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The released CLIP recognition side blocks' init (``Recognition/clip/model.py``,
+        ``AttnCBlock.__init__``); with ``d`` the side width:
+
+        - attention qkv ``N(0, d^-0.5)``, its bias 0 (``nn.MultiheadAttention``'s own);
+        - attention output and ``fc2`` ``N(0, d^-0.5 * (2 * 12)^-0.5)``, the output bias 0;
+        - ``fc1`` ``N(0, (2d)^-0.5)``;
+        - everything else (the temporal conv, the ``fc1``/``fc2`` biases, the norms) keeps
+          PyTorch's default init, as it does there.
+
+        The depth factor ``(2 * 12)^-0.5`` is a constant in the released code (it does not
+        follow the number of side blocks; the L/14 side network with 24 blocks uses it too),
+        so it is :data:`RELEASED_INIT_DEPTH` here, whatever the depth. The post-norm (EVA)
+        blocks keep PyTorch's defaults, as the released EVA code does.
+        """
+        d = self.qkv.in_features
+        proj_std = d ** -0.5 * (2 * RELEASED_INIT_DEPTH) ** -0.5
+        nn.init.normal_(self.qkv.weight, std=d ** -0.5)
+        nn.init.zeros_(self.qkv.bias)
+        nn.init.normal_(self.out.weight, std=proj_std)
+        nn.init.zeros_(self.out.bias)
+        nn.init.normal_(self.fc1.weight, std=(2 * d) ** -0.5)
+        nn.init.normal_(self.fc2.weight, std=proj_std)
 
     def _conv(self, s):
         if self.post_norm:
@@ -176,7 +241,8 @@ class SideBlock(nn.Module):
         return fn(*args)
 
     def forward(self, s: torch.Tensor, c: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """``s`` ``(B*T, N, d)`` side tokens, ``c`` ``(B*T, d)`` projected [CLS], ``pos`` ``(N, d)``."""
+        """``s`` ``(B*T, N, d)`` side tokens, ``c`` ``(B*T, d)`` projected [CLS], ``pos`` ``(N, d)``
+        (or ``(N+1, d)`` with a [CLS] row, see :meth:`SideNetwork.add_cls_position`)."""
         s = s + self._run(self._conv, s)
         s = s + self._run(self._attn, s, c, pos)
         return s + self._run(self._mlp, s)
@@ -203,15 +269,24 @@ class SideNetwork(nn.Module):
         if fusion not in ("mean", "sum"):
             raise ValueError(f"fusion must be 'mean' or 'sum', got {fusion!r}")
         self.layer_ids = ladder_layers(backbone_layers, side_layers)
+        self.post_norm = post_norm
         self.fusion = fusion
         self.num_frames = num_frames
         self.stem = SideStem(side_width, patch_size)
+        self.num_patches = num_patches
         self.pos = nn.Parameter(torch.randn(num_patches, side_width) * (pos_std or (0.02 if post_norm else 0.01)))
         self.ladder = LadderProjection(side_layers, backbone_width, side_width, "post" if post_norm else "pre",
                                        backend=backend)
         self.blocks = nn.ModuleList(
             SideBlock(side_width, num_frames, post_norm=post_norm, checkpointing=checkpointing, backend=backend)
             for _ in range(side_layers))
+
+    def add_cls_position(self, std: float = 0.01) -> None:
+        """Make the position embedding ``(N+1, d)``, ``N(0, std)``: row 0 is added to the
+        shifted [CLS] in every side block, rows ``1..N`` to the patches (the released
+        retrieval side network, ``Retrieval/modules/module_clip.py``)."""
+        p = self.pos
+        self.pos = nn.Parameter(torch.randn(self.num_patches + 1, p.shape[1], device=p.device, dtype=p.dtype) * std)
 
     def forward(self, video: torch.Tensor,
                 features: Union[Sequence[torch.Tensor], Iterable[torch.Tensor]]) -> torch.Tensor:
@@ -234,8 +309,8 @@ class SideNetwork(nn.Module):
             levels = iter(features)
             project = self.ladder.level
         s = self.stem(video)
-        if s.shape[1] != self.pos.shape[0]:
-            raise ValueError(f"stem produced {s.shape[1]} patches per frame, expected {self.pos.shape[0]}")
+        if s.shape[1] != self.num_patches:
+            raise ValueError(f"stem produced {s.shape[1]} patches per frame, expected {self.num_patches}")
         pos = self.pos.to(s.dtype)
         for i, block in enumerate(self.blocks):
             z = next(levels, None)
@@ -253,19 +328,24 @@ class SideNetwork(nn.Module):
 class SideHead(nn.Module):
     """Recognition head: ``BN3d``, mean over ``T*N``, dropout, ``Linear(d -> classes)``.
 
-    With ``num_classes=None`` only the pooled features are offered (no classifier).
+    ``norm=False`` drops the BatchNorm (mean only): the released EVA head (the post-norm
+    side network's ``side_post_bn`` is commented out there). ``dropout`` defaults to 0,
+    the ``drop_fc`` of every released Side4Video config. With ``num_classes=None`` only
+    the pooled features are offered (no classifier); the classifier keeps ``nn.Linear``'s
+    default init, as in the released ``train_vision.py``.
     """
 
-    def __init__(self, width: int, num_classes: Optional[int] = None, dropout: float = 0.5, num_frames: int = 8):
+    def __init__(self, width: int, num_classes: Optional[int] = None, dropout: float = 0.0, num_frames: int = 8,
+                 norm: bool = True):
         super().__init__()
         self.num_frames = num_frames
-        self.norm = TokenBatchNorm(width)
+        self.norm = TokenBatchNorm(width) if norm else None
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(width, num_classes) if num_classes else None
 
     def features(self, s: torch.Tensor) -> torch.Tensor:
         """``(B*T, N, d)`` -> ``(B, d)``."""
-        x = self.norm(s)
+        x = self.norm(s) if self.norm is not None else s
         bt, n, d = x.shape
         return x.reshape(bt // self.num_frames, self.num_frames * n, d).mean(1)
 
@@ -292,7 +372,8 @@ def _inject(ctx: InjectContext) -> Injected:
     side = SideNetwork(tower.width, tower.depth, o["side_width"], o["side_layers"] or tower.depth, ctx.num_frames,
                        tower.patch_size[0], tower.num_patches, post_norm=(norm == "post"), fusion=o["fusion"],
                        pos_std=o["pos_std"], checkpointing=o["checkpointing"], backend=o["backend"]).to(**ctx.factory)
-    head = SideHead(side.pos.shape[1], ctx.num_classes, o["dropout"], ctx.num_frames).to(**ctx.factory)
+    head = SideHead(side.pos.shape[1], ctx.num_classes, o["dropout"], ctx.num_frames,
+                    norm=not side.post_norm).to(**ctx.factory)
     return Injected(side=side, head=head, side_stream=o["stream"])
 
 
@@ -308,4 +389,5 @@ register_method(MethodSpec(
      "stream": Option(False, bool, "advance the frozen tower level by level (lower peak memory)"),
      "pos_std": Option(None, float, "init std of the position embedding (None: 0.01 CLIP, 0.02 EVA)",
                        valid=lambda v: v >= 0, expected="a non-negative number or None")},
-    inject=_inject, checkpointing="option", backbone_grad=False, joint_space=False))
+    inject=_inject, checkpointing="option", backbone_grad=False, joint_space=False,
+    common_defaults={"dropout": 0.0}))   # no head dropout, as in every released Side4Video config

@@ -266,12 +266,12 @@ class RetrievalTask(Task):
         return model.video_model
 
     def param_groups(self, model):
-        text_ids = {id(p) for p in model.text_parameters()}
+        text_ids = {id(p) for p in model.backbone_parameters()}   # at task.text_lr (the released coef_lr)
         new = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in text_ids]
         wd = float(self.cfg["train"]["weight_decay"])
         groups = [{"params": [p for n, p in new if p.ndim >= 2], "weight_decay": wd},
                   {"params": [p for n, p in new if p.ndim < 2], "weight_decay": 0.0}]
-        text = model.text_parameters()
+        text = model.backbone_parameters()
         if text:
             groups.append({"params": text, "weight_decay": wd, "lr": float(self.cfg["task"]["text_lr"])})
         return groups

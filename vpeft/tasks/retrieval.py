@@ -1,11 +1,17 @@
 """Side4Video text-video retrieval: the retrieval head, token-wise matching and the metrics.
 
 Video side: the side network's tokens ``(B*T, N, d)`` go through BatchNorm and a mean
-over the ``N`` patches of each frame, ``(B, T, d)``; a zero-initialised
-``Linear(d -> D)`` maps them to the backbone width and adds them to the frozen
+over the ``N`` patches of each frame, ``(B, T, d)``; a zero-initialised bias-free
+``(d -> D)`` projection maps them to the backbone width and adds them to the frozen
 last-layer [CLS] of each frame; the backbone's own final LayerNorm and projection give
 frame embeddings ``(B, T, E)``. At initialisation the frame embeddings are exactly the
-frozen CLIP's per-frame image embeddings.
+CLIP's per-frame image embeddings.
+
+As in the released (CLIP4Clip-based) code, the retrieval side network's position
+embedding is ``(N+1, d)`` with row 0 added to the shifted [CLS], its parameters are
+re-initialised by :func:`released_retrieval_init_`, and the backbone's final LayerNorm,
+projection and ``logit_scale`` train too (at the text tower's small learning rate in
+:class:`vpeft.tasks.protocols.RetrievalTask`, as the released run's ``coef_lr`` does).
 
 Text side: every token's feature from the text tower (``ln_final`` then the text
 projection), ``(B, L, E)``, for the tokens from start-of-text to end-of-text.
@@ -15,9 +21,9 @@ Score (token-wise fine-grained matching, DRL/Side4Video):
     s(text, video) = 0.5 * ( sum_w a_w max_t cos(w, t)  +  sum_t b_t max_w cos(w, t) )
 
 with ``a = softmax_w(MLP_text(w))`` over the caption's tokens and
-``b = softmax_t(MLP_video(t))`` over the frames. The MLPs' last layers start at zero,
-so training starts from uniform weights. Loss: symmetric cross-entropy of
-``logit_scale * s`` over the batch (text-to-video and video-to-text).
+``b = softmax_t(MLP_video(t))`` over the frames (both MLPs ``N(0, 0.02)``, zero biases).
+Loss: symmetric cross-entropy of ``logit_scale * s`` over the batch (text-to-video and
+video-to-text).
 
 Metrics: :func:`retrieval_metrics` (R@1, R@5, R@10, median and mean rank).
 """
@@ -30,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..methods.side4video import TokenBatchNorm
+from ..methods.side4video import SideNetwork, TokenBatchNorm
 from ..model import VideoModel
 from .videotext import tokenize
 
@@ -39,15 +45,17 @@ __all__ = ["RetrievalHead", "TokenWiseMatching", "RetrievalModel", "text_token_f
 
 
 class RetrievalHead(nn.Module):
-    """Side tokens + frozen per-frame [CLS] -> frame embeddings in the joint space."""
+    """Side tokens + frozen per-frame [CLS] -> frame embeddings in the joint space.
+
+    ``proj`` is the released ``side_proj``: a bias-free ``(d -> D)`` map, zero at start.
+    """
 
     def __init__(self, side_width: int, backbone_width: int, num_frames: int):
         super().__init__()
         self.num_frames = num_frames
         self.norm = TokenBatchNorm(side_width)
-        self.proj = nn.Linear(side_width, backbone_width)
+        self.proj = nn.Linear(side_width, backbone_width, bias=False)
         nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
 
     def forward(self, side_tokens: torch.Tensor, cls: torch.Tensor, tower) -> torch.Tensor:
         """``side_tokens`` ``(B*T, N, d)``, ``cls`` ``(B, T, D)`` frozen last-layer [CLS] per frame,
@@ -59,16 +67,22 @@ class RetrievalHead(nn.Module):
 
 
 class TokenWiseMatching(nn.Module):
-    """Weighted token-wise matching of caption tokens against frames."""
+    """Weighted token-wise matching of caption tokens against frames.
+
+    Padded words are left out of both maxima: ``-inf`` before the video-to-text max over
+    words, and out of the text-to-video sum. The released code instead multiplies padded
+    words' cosines by 0, so a padded word still enters the video-to-text max with cosine
+    0 (it wins whenever every real word's cosine with a frame is negative); vpeft keeps
+    the masked form, which is the formula of the paper and of METHODS.md.
+    """
 
     def __init__(self, embed_dim: int, hidden: Optional[int] = None):
         super().__init__()
         hidden = hidden or embed_dim
         self.text_weight = nn.Sequential(nn.Linear(embed_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
         self.video_weight = nn.Sequential(nn.Linear(embed_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
-        for mlp in (self.text_weight, self.video_weight):
-            nn.init.zeros_(mlp[2].weight)
-            nn.init.zeros_(mlp[2].bias)
+        for lin in (self.text_weight[0], self.text_weight[2], self.video_weight[0], self.video_weight[2]):
+            _normal_002_(lin)
 
     def forward(self, words: torch.Tensor, word_mask: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         """``words`` ``(Q, L, E)`` with ``word_mask`` ``(Q, L)`` (True: a real token),
@@ -83,6 +97,40 @@ class TokenWiseMatching(nn.Module):
         t2v = (cos.amax(3) * a[:, None, :]).masked_fill(~word_mask[:, None, :], 0.0).sum(2)
         v2t = (cos.masked_fill(~word_mask[:, None, :, None], float("-inf")).amax(2) * b[None]).sum(2)
         return 0.5 * (t2v + v2t)
+
+
+def _normal_002_(lin: nn.Linear) -> None:
+    """CLIP4Clip's ``init_weights`` for a Linear: weight ``N(0, 0.02)``, bias 0."""
+    nn.init.normal_(lin.weight, std=0.02)
+    if lin.bias is not None:
+        nn.init.zeros_(lin.bias)
+
+
+@torch.no_grad()
+def released_retrieval_init_(side: SideNetwork) -> None:
+    """Re-initialise a pre-norm side network the way the released retrieval code ends up.
+
+    There every ``nn.Linear`` of the model is re-drawn ``N(0, 0.02)`` with zero bias
+    (``Retrieval/modules/modeling.py``, ``self.apply(self.init_weights)``;
+    ``until_module.py``): the ladder Linears, the attention output and the MLP. The
+    attention's qkv (an ``nn.MultiheadAttention`` in-projection, not a Linear) keeps the
+    side block's ``N(0, d^-0.5)`` with zero bias; the pointwise convs are ``N(0, 0.02)``
+    and the depthwise temporal conv ``N(0, d^-0.5)``, their biases Conv3d's default
+    (``module_clip.py``, ``AttnCBlock``). The position embedding becomes ``(N+1, d)``,
+    ``N(0, 0.01)`` (:meth:`SideNetwork.add_cls_position`). Stem, norms: defaults.
+    """
+    d = side.pos.shape[1]
+    for blk in side.blocks:
+        for lin in (blk.out, blk.fc1, blk.fc2):
+            _normal_002_(lin)
+        nn.init.normal_(blk.qkv.weight, std=d ** -0.5)
+        nn.init.zeros_(blk.qkv.bias)
+        nn.init.normal_(blk.pw1.weight, std=0.02)
+        nn.init.normal_(blk.pw2.weight, std=0.02)
+        nn.init.normal_(blk.dw.weight, std=d ** -0.5)
+    nn.init.normal_(side.ladder.weight, std=0.02)
+    nn.init.zeros_(side.ladder.bias)
+    side.add_cls_position(0.01)
 
 
 def text_token_features(model: nn.Module, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -121,10 +169,17 @@ class RetrievalModel(nn.Module):
 
     Args:
         video_model: ``vpeft.adapt(clip, "side4video", num_frames=T)`` (no classifier).
+            Its side network is re-initialised for retrieval
+            (:func:`released_retrieval_init_`, which also gives it the ``(N+1, d)``
+            position embedding).
         train_text: also fine-tune the text tower (the paper does, with lr 1e-7); off by
-            default, so only the side network, the retrieval head and the matching MLPs train.
+            default.
 
-    The backbone's vision tower runs without autograd (Side4Video's memory saving).
+    Trained: the side network, the retrieval head, the matching MLPs, and, as in the
+    released run (``main_task_retrieval.py``, which re-enables them after freezing the
+    encoder), the vision tower's final norm and projection and ``logit_scale``
+    (:meth:`backbone_parameters`). The vision tower's blocks run without autograd
+    (Side4Video's memory saving).
     """
 
     def __init__(self, video_model: VideoModel, train_text: bool = False):
@@ -137,35 +192,52 @@ class RetrievalModel(nn.Module):
             raise ValueError("the retrieval head needs per-frame [CLS] tokens (a per-frame CLIP/EVA tower)")
         if video_model.text_tower is None:
             raise ValueError("retrieval needs a backbone with a text tower")
+        if video_model.side.post_norm:
+            raise ValueError("the retrieval side network is the released pre-norm (CLIP) one; this VideoModel has a "
+                             "post-norm (EVA) side network (adapt with norm='pre')")
         self.video_model = video_model
         tower = video_model.tower
         side_width = video_model.side.pos.shape[1]
         p = next(video_model.backbone.parameters())
+        released_retrieval_init_(video_model.side)
         self.head = RetrievalHead(side_width, tower.width, video_model.num_frames).to(p.device, p.dtype)
         self.matching = TokenWiseMatching(tower.embed_dim).to(p.device, p.dtype)
         self.train_text = bool(train_text)
-        if train_text:
-            for name, q in video_model.backbone.named_parameters():
-                if not name.startswith("visual."):
-                    q.requires_grad_(True)
+        for q in self.backbone_parameters():
+            q.requires_grad_(True)
+
+    def backbone_parameters(self) -> List[nn.Parameter]:
+        """The backbone's parameters this model trains: the vision tower's final norm and
+        projection (``visual.ln_post``/``visual.proj``; a timm tower's ``norm``, ``fc_norm``
+        and heads), ``logit_scale``, and with ``train_text`` the text tower."""
+        tower = self.video_model.tower
+        backbone = self.video_model.backbone
+        v = tower.visual
+        if tower.kind == "openclip_vit":
+            mods = [v.ln_post]
+            params = [v.proj] if isinstance(v.proj, nn.Parameter) else []
+        else:
+            t = v.trunk
+            mods = [t.norm, t.fc_norm, t.head, v.head]
+            params = []
+        params += [q for m in mods for q in m.parameters()]
+        if isinstance(getattr(backbone, "logit_scale", None), nn.Parameter):
+            params.append(backbone.logit_scale)
+        if self.train_text:
+            seen = {id(q) for q in params}
+            params += [q for n, q in backbone.named_parameters() if not n.startswith("visual.") and id(q) not in seen]
+        return params
 
     def trainable_parameters(self) -> List[nn.Parameter]:
-        """Side network, retrieval head, matching MLPs (and the text tower with ``train_text``)."""
+        """Side network, retrieval head, matching MLPs, then :meth:`backbone_parameters`."""
         return list(self.video_model.side.parameters()) + list(self.head.parameters()) + \
-            list(self.matching.parameters()) + self.text_parameters()
-
-    def text_parameters(self) -> List[nn.Parameter]:
-        """The text tower's trained parameters (empty unless ``train_text``)."""
-        if not self.train_text:
-            return []
-        return [q for n, q in self.video_model.backbone.named_parameters()
-                if not n.startswith("visual.") and n != "logit_scale"]
+            list(self.matching.parameters()) + self.backbone_parameters()
 
     def trained_state_dict(self) -> Dict[str, torch.Tensor]:
-        """Only the trained weights: ``video_model.*`` (side network; with ``train_text`` the text
-        tower too), ``head.*`` and ``matching.*``."""
+        """Only the trained weights: ``video_model.*`` (side network, and the backbone parameters of
+        :meth:`backbone_parameters`), ``head.*`` and ``matching.*``."""
         out = {"video_model." + k: v for k, v in self.video_model.adapter_state_dict().items()}
-        text = {id(q) for q in self.text_parameters()}
+        text = {id(q) for q in self.backbone_parameters()}
         for n, q in self.video_model.backbone.named_parameters():
             if id(q) in text:
                 out["video_model.backbone." + n] = q.detach()
@@ -181,10 +253,11 @@ class RetrievalModel(nn.Module):
             raise ValueError(f"retrieval weights do not match this model: missing {missing[:8]}, "
                              f"unexpected {unexpected[:8]}")
         vm = {k[len("video_model."):]: v for k, v in state.items() if k.startswith("video_model.")}
-        text = {k[len("backbone."):]: v for k, v in vm.items() if k.startswith("backbone.")}
-        self.video_model.load_adapter_state_dict({k: v for k, v in vm.items() if not k.startswith("backbone.")})
-        if text:
-            self.video_model.backbone.load_state_dict(text, strict=False)
+        adapters = self.video_model._trained_keys()
+        self.video_model.load_adapter_state_dict({k: v for k, v in vm.items() if k in adapters})
+        rest = {k[len("backbone."):]: v for k, v in vm.items() if k not in adapters}   # backbone_parameters()
+        if rest:
+            self.video_model.backbone.load_state_dict(rest, strict=False)
         self.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
         self.matching.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("matching.")})
 
@@ -208,7 +281,8 @@ class RetrievalModel(nn.Module):
 
     @property
     def logit_scale(self) -> torch.Tensor:
-        return self.video_model.backbone.logit_scale.exp().detach()
+        """``exp(logit_scale)`` of the backbone (trained, as in the released run)."""
+        return self.video_model.backbone.logit_scale.exp()
 
     def tokenize(self, captions: Sequence[str]) -> torch.Tensor:
         return tokenize(self.video_model.backbone, captions)
