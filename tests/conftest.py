@@ -19,21 +19,22 @@ def _seed():
 
 
 def tiny_clip(layers: int = 4, width: int = 64, image_size: int = 32, patch_size: int = 8, text_width: int = 32):
-    """A small randomly initialised open_clip CLIP (native ViT vision and text towers)."""
-    import open_clip
+    """A small randomly initialised open_clip CLIP (native ViT vision and text towers), built by the one
+    backbone builder (``vpeft.backbones.build.create_backbone``) from its ``vpeft-tiny`` entry."""
+    from vpeft.backbones.build import create_backbone
 
-    return open_clip.CLIP(
+    return create_backbone("vpeft-tiny", config=dict(
         embed_dim=32,
         vision_cfg=dict(layers=layers, width=width, patch_size=patch_size, image_size=image_size, head_width=32),
         text_cfg=dict(context_length=16, vocab_size=100, width=text_width, heads=2, layers=layers),
-    )
+    ))
 
 
 def tiny_eva(post_norm: bool = True, depth: int = 2, image_size: int = 28):
     """A small open_clip TimmModel around a timm EVA02 trunk (post-norm blocks like ViT-E)."""
     from vpeft.backbones.build import create_tiny_eva
 
-    return create_tiny_eva(depth=depth, image_size=image_size, post_norm=post_norm)
+    return create_tiny_eva(depth=depth, image_size=image_size, post_norm=post_norm).train()
 
 
 def tiny_backbone(name: str, **kw):

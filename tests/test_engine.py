@@ -178,7 +178,7 @@ def test_cli_errors_are_one_line(data, tmp_path, capsys):
 
 def test_pretrained_tag_offline_points_to_checkpoint(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"}  # no network, no cached weights
-    code = ("from vpeft.engine.build import create_backbone\n"
+    code = ("from vpeft.backbones.build import create_backbone\n"
             "create_backbone('ViT-B-32', pretrained='openai')\n")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
                        cwd=tmp_path)
@@ -187,7 +187,7 @@ def test_pretrained_tag_offline_points_to_checkpoint(tmp_path):
 
 
 def test_local_backbone_checkpoint(tmp_path):
-    from vpeft.engine.build import create_backbone
+    from vpeft.backbones.build import create_backbone
 
     src = create_backbone("vpeft-tiny")
     torch.save(src.state_dict(), tmp_path / "w.pt")
@@ -231,7 +231,7 @@ def test_gradient_accumulation_matches_full_batch(data, tmp_path):
 
 @pytest.mark.parametrize("method,options", [("st_adapter", {"bottleneck": 16}), ("side4video", {"side_width": 64})])
 def test_activation_checkpointing_gives_the_same_gradients(data, tmp_path, method, options):
-    from vpeft.engine.build import build_model
+    from vpeft.engine.build import build_video_model as build_model
 
     grads = []
     for ckpt_on in (False, True):

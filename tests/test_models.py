@@ -234,7 +234,7 @@ def test_bad_inputs_give_clear_errors():
         vm(torch.randn(2, 3, 32, 32))
     with pytest.raises(ValueError, match="unknown method 'lora'"):
         vpeft.adapt(tiny_clip(), "lora", num_frames=T)
-    with pytest.raises(ValueError, match="unknown ST-Adapter preset '6x128'"):
+    with pytest.raises(ValueError, match=r"st_adapter option preset='6x128' \(str\); expected one of '12x384', '24x384'"):
         vpeft.adapt(tiny_clip(), "st_adapter", num_frames=T, preset="6x128")
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['bottlenek'\]"):
         vpeft.adapt(tiny_clip(), "st_adapter", num_frames=T, bottlenek=16)

@@ -6,10 +6,9 @@ import torch.nn.functional as F
 
 import vpeft
 from vpeft.backbones.viclip import create_viclip
-from vpeft.tasks.loops import tensor_batches, train_retrieval
 from vpeft.tasks.retrieval import (RetrievalModel, TokenWiseMatching, read_caption_list, retrieval_metrics,
                                    text_token_features)
-from vpeft.tasks.toy import toy_split
+from toy_data import fit, tensor_batches, toy_split
 
 T = 4
 
@@ -153,9 +152,9 @@ def test_side4video_retrieval_beats_untrained_on_held_out():
     torch.set_num_threads(1)
     try:
         before = r1()
-        train_retrieval(rm, lambda e: [(train.videos[i], tok_train[i]) for i in tensor_batches(len(train.captions),
-                                                                                               8, 0, e)],
-                        epochs=15, lr=2e-3, weight_decay=0.0)
+        fit(rm, rm.trainable_parameters(),
+            lambda e: [(train.videos[i], tok_train[i]) for i in tensor_batches(len(train.captions), 8, 0, e)],
+            lambda b: rm(b[1], b[0]), epochs=15, lr=2e-3)
         after = r1()
     finally:
         torch.set_num_threads(threads)

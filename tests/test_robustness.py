@@ -118,13 +118,11 @@ def test_default_output_dir_is_new_per_run(tmp_path):
 # ---------------------------------------------------------------------------- inputs
 @pytest.fixture(scope="module")
 def tiny_model():
-    import open_clip
-
     import vpeft
-    from vpeft.engine.build import TINY_BACKBONES
+    from vpeft.backbones.build import create_backbone
 
     torch.manual_seed(0)
-    return vpeft.adapt(open_clip.CLIP(**TINY_BACKBONES["vpeft-tiny"]), "st_adapter", num_frames=2, num_classes=3,
+    return vpeft.adapt(create_backbone("vpeft-tiny"), "st_adapter", num_frames=2, num_classes=3,
                        bottleneck=8).eval()
 
 
@@ -158,14 +156,12 @@ def test_empty_batch_is_refused(tiny_model):
     ({"dropout": 1.5}, r"dropout=1\.5"),
 ])
 def test_wrong_option_types_are_refused(kwargs, match):
-    import open_clip
-
     import vpeft
-    from vpeft.engine.build import TINY_BACKBONES
+    from vpeft.backbones.build import create_backbone
 
     args = {"num_frames": 2, "num_classes": 3, **kwargs}
     with pytest.raises(ValueError, match=match):
-        vpeft.adapt(open_clip.CLIP(**TINY_BACKBONES["vpeft-tiny"]), "st_adapter", **args)
+        vpeft.adapt(create_backbone("vpeft-tiny"), "st_adapter", **args)
 
 
 def test_nan_batch_stops_before_the_step_naming_the_clips(data, tmp_path):
@@ -397,10 +393,9 @@ def test_malformed_yaml_and_bad_backbone_checkpoint_are_one_line(data, tmp_path,
     err = capsys.readouterr().err.strip()
     assert f"backbone weights file {garbage}" in err and "not a readable checkpoint" in err and "\n" not in err
 
-    from vpeft.engine.build import TINY_BACKBONES
-    import open_clip
+    from vpeft.backbones.build import create_backbone
 
-    sd = open_clip.CLIP(**TINY_BACKBONES["vpeft-tiny"]).state_dict()
+    sd = create_backbone("vpeft-tiny").state_dict()
     sd.pop("visual.proj")
     sd["extra.weight"] = torch.zeros(1)
     torch.save(sd, tmp_path / "mismatch.pt")
@@ -503,7 +498,7 @@ def test_nan_loss_from_a_finite_batch_stops_with_a_hint(data, tmp_path, monkeypa
     from vpeft.engine.trainer import NonFiniteError
 
     tr = _trainer(data, tmp_path / "run")
-    monkeypatch.setattr(tr, "criterion", lambda logits, label: (logits * float("inf")).sum())
+    monkeypatch.setattr(tr.task, "criterion", lambda logits, label: (logits * float("inf")).sum())   # the task owns the loss
     with pytest.raises(NonFiniteError, match=r"before optimizer step 1: the loss is (nan|inf) although the batch "
                                              r"is finite \(clips videos/train/.*Hint: lower train.lr"):
         tr.fit()

@@ -15,8 +15,8 @@ from vpeft.tasks import (ConsistencyLoss, VideoTextClassifier, base_novel_split,
                          few_shot_indices, harmonic_mean, load_descriptions, read_class_split, subset_accuracy,
                          zero_shot)
 from vpeft.tasks.consistency import frozen_text_tower
-from vpeft.tasks.loops import tensor_batches, train_video_text
-from vpeft.tasks.toy import ToyVideos, make_toy_videos
+from vpeft.tasks.videotext import video_text_loss
+from toy_data import ToyVideos, fit, make_toy_videos, tensor_batches
 
 T = 4
 NAMES = ToyVideos.class_names()          # 16 classes
@@ -110,10 +110,10 @@ def test_base_to_novel_bookkeeping_never_trains_on_novel():
         return orig(classes)
 
     clf.class_embeddings = spy
-    train_video_text(clf, lambda e: [(data.videos[idx], data.labels[idx])], classes=split.base, epochs=1)
+    video_text_loss(clf, data.videos[idx], data.labels[idx], split.base).backward()
     assert seen == set(split.base)
     with pytest.raises(ValueError, match="outside the trained classes"):
-        train_video_text(clf, lambda e: [(data.videos, data.labels)], classes=split.base, epochs=1)
+        video_text_loss(clf, data.videos, data.labels, split.base)
 
 
 def test_harmonic_mean():
@@ -250,9 +250,9 @@ def test_msta_few_shot_beats_untrained_on_held_out():
     torch.set_num_threads(1)          # tiny tensors: one thread is faster on a shared machine
     try:
         before = acc()
-        train_video_text(clf, lambda e: [(train.videos[idx][i], train.labels[idx][i])
-                                         for i in tensor_batches(len(idx), 8, 0, e)],
-                         classes=classes, epochs=40, lr=1e-2, consistency=cc)
+        fit(clf, clf.parameters(), lambda e: [(train.videos[idx][i], train.labels[idx][i])
+                                              for i in tensor_batches(len(idx), 8, 0, e)],
+            lambda b: video_text_loss(clf, b[0], b[1], classes, cc), epochs=40, lr=1e-2, weight_decay=0.001)
         after = acc()
     finally:
         torch.set_num_threads(threads)

@@ -16,12 +16,14 @@ The names below are imported on first use (PEP 562), so ``import vpeft.cli`` (th
 """
 import importlib
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 _LAZY = {"adapt": "vpeft.model", "VideoModel": "vpeft.model", "METHODS": "vpeft.model",
+         "from_pretrained": "vpeft.loading", "register_method": "vpeft.methods",
          "STAdapter": "vpeft.methods", "FusedMSTA": "vpeft.methods", "SideNetwork": "vpeft.methods"}
 
-__all__ = ["adapt", "VideoModel", "METHODS", "STAdapter", "FusedMSTA", "SideNetwork", "__version__"]
+__all__ = ["adapt", "from_pretrained", "register_method", "VideoModel", "METHODS", "STAdapter", "FusedMSTA",
+           "SideNetwork", "__version__"]
 
 
 def __getattr__(name):

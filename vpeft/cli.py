@@ -1,8 +1,10 @@
-"""The ``vpeft`` command: ``demo``, ``train``, ``eval``, ``make-synthetic``.
+"""The ``vpeft`` command: ``demo``, ``train``, ``eval``, ``predict``, ``make-synthetic``.
 
-``train`` / ``eval`` run recognition with a classifier (the Trainer) by default; with
+``train`` / ``eval`` run recognition with a classifier by default; with
 ``--task zero_shot|few_shot|base_to_novel|retrieval`` (config key ``task.name``) they
-run a video-language task (:mod:`vpeft.tasks.runner`, one process).
+run a video-language task (:mod:`vpeft.tasks`). Every task runs in the same engine
+(:class:`vpeft.engine.Trainer`): torchrun, precision, accumulation, checkpoints and
+``--resume`` work the same for all of them.
 
 Multi-GPU (or multi-process CPU) training runs under torchrun, e.g.::
 
@@ -51,13 +53,8 @@ def _config(args, check: bool = True) -> dict:
         extra["data"] = {"strict": True}
     if getattr(args, "device", None):
         extra["device"] = args.device
-    task = {}
     if getattr(args, "task", None):
-        task["name"] = args.task
-    if getattr(args, "adapters", None) and args.task not in (None, "recognition"):
-        task["adapters"] = args.adapters
-    if task:
-        extra["task"] = task
+        extra["task"] = {"name": args.task}
     cfg = load_config(args.config, args.overrides, extra=extra, resolve_output_dir=False, check=check)
     if cfg["output_dir"] is None:
         from .engine.rundir import default_output_dir, latest_run
@@ -67,28 +64,24 @@ def _config(args, check: bool = True) -> dict:
     return cfg
 
 
-def _run_task(cfg, train: bool) -> int:
-    """The video-language tasks (zero_shot, few_shot, base_to_novel, retrieval): single process."""
-    from .tasks.runner import run_task
+def _trainer(cfg, info, args, **kwargs):
+    """The engine's Trainer with the task ``task.name`` (recognition or a video-language task)."""
+    from .engine import Trainer
+    from .tasks import build_task
 
-    _setup_logging(0)
-    metrics = run_task(cfg, train=train)
-    print(json.dumps(metrics))
-    return 0
+    return Trainer(cfg, info, task=build_task(cfg, info), progress=not args.no_progress, **kwargs)
 
 
 def cmd_train(args) -> int:
     from .engine.config import validate
 
     cfg = _config(args, check=False)
-    if cfg["task"]["name"] == "recognition" and os.environ.get("RANK", "0") == "0":
+    if os.environ.get("RANK", "0") == "0":
         from .engine.rundir import claim   # refuse a locked or used output_dir before loading torch and the model
 
         claim(cfg["output_dir"], resume=args.resume is not None, overwrite=args.overwrite, check_only=True)
     validate(cfg)
-    if cfg["task"]["name"] != "recognition":
-        return _run_task(cfg, train=True)
-    from .engine import Trainer, init_distributed
+    from .engine import init_distributed
     from .engine.distributed import cleanup
 
     info = init_distributed(cfg["device"])
@@ -98,14 +91,14 @@ def cmd_train(args) -> int:
         if args.resume is not None:   # --resume: continue output_dir if it has a checkpoint; =require: must
             resume = cfg["output_dir"] if args.resume in ("", "require") else args.resume
             required = args.resume != ""
-        trainer = Trainer(cfg, info, resume=resume, progress=not args.no_progress, overwrite=args.overwrite,
-                          require_checkpoint=required)
+        trainer = _trainer(cfg, info, args, resume=resume, overwrite=args.overwrite, require_checkpoint=required)
         if info.is_main:
-            trainer.model.print_trainable_parameters()
+            trainer.video_model.print_trainable_parameters()
         summary = trainer.fit()
         if info.is_main:
             ev = summary["eval"]
-            print(json.dumps({"steps": summary["steps"], "skipped_videos": summary["skipped_videos"],
+            print(json.dumps({"task": cfg["task"]["name"], "steps": summary["steps"],
+                              "skipped_videos": summary["skipped_videos"],
                               "clips_per_s": round(summary["clips_per_s"], 2), "eval": ev}))
     finally:
         cleanup(info)
@@ -113,24 +106,45 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .engine import Trainer, init_distributed
+    from .engine import init_distributed
     from .engine.distributed import cleanup
 
     cfg = _config(args)
-    if cfg["task"]["name"] != "recognition":
-        return _run_task(cfg, train=False)
-    if not args.adapters:
-        raise ValueError("vpeft eval needs --adapters PATH for task recognition")
+    adapters = args.adapters or cfg["task"]["adapters"]
+    if not adapters and cfg["task"]["name"] != "zero_shot":
+        raise ValueError(f"vpeft eval needs --adapters PATH for task {cfg['task']['name']} (only zero_shot can "
+                         "evaluate the backbone as it is)")
     info = init_distributed(cfg["device"])
     _setup_logging(info.rank)
     try:
-        trainer = Trainer(cfg, info, resume=args.adapters, progress=not args.no_progress, train=False)
+        trainer = _trainer(cfg, info, args, resume=adapters, train=False)
         metrics = trainer.evaluate()
         if info.is_main:
             print(json.dumps(metrics))
     finally:
         cleanup(info)
     return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import predict
+
+    try:
+        clips, crops = (int(x) for x in args.views.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--views {args.views!r}: expected CLIPSxCROPS such as 1x1 or 4x3") from None
+    records = predict(args.videos, args.adapters, topk=args.topk, clips=clips, crops=crops, device=args.device)
+    for r in records:
+        if args.json:
+            print(json.dumps(r))
+        elif "error" in r:
+            print(f"{r['video']}: skipped: {r['error']}", file=sys.stderr)
+        else:
+            print(f"{r['video']}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in r["top"]))
+    bad = [r["video"] for r in records if "error" in r]
+    if bad and not args.json:
+        print(f"vpeft predict: {len(bad)} of {len(records)} video(s) could not be read: {bad}", file=sys.stderr)
+    return 1 if len(bad) == len(records) else 0
 
 
 def cmd_make_synthetic(args) -> int:
@@ -210,10 +224,19 @@ def build_parser(full: bool = True) -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate trained adapter weights on data.val_list")
     common(e)
     e.add_argument("--adapters", metavar="PATH",
-                   help="a run directory, checkpoint directory or adapter .safetensors file (required for "
-                        "recognition; for the video-language tasks: an adapters.pt, or none to evaluate the "
-                        "backbone as it is, e.g. zero-shot)")
+                   help="a run directory, checkpoint directory or save_pretrained directory (required except "
+                        "for zero_shot, which can evaluate the backbone as it is)")
     e.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("predict", help="top-k classes of video files with trained weights")
+    pr.add_argument("videos", nargs="+", metavar="VIDEO")
+    pr.add_argument("--adapters", required=True, metavar="DIR",
+                    help="a save_pretrained directory, a checkpoint directory or a run directory")
+    pr.add_argument("--topk", type=int, default=5)
+    pr.add_argument("--views", default="1x1", metavar="CLIPSxCROPS", help="test views per video, e.g. 4x3")
+    pr.add_argument("--json", action="store_true", help="one JSON object per video")
+    pr.add_argument("--device", default=None, help="cpu or cuda (default: where the model is built)")
+    pr.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("make-synthetic", help="write the synthetic motion dataset (mp4 files and list files)")
     s.add_argument("out_dir")
@@ -280,7 +303,7 @@ def _user_error(e: BaseException) -> Optional[int]:
     mod = sys.modules.get
     if isinstance(e, (ValueError, FileNotFoundError)):   # ConfigError, ListFileError, CheckpointError, ...
         return 2
-    unavailable = getattr(mod("vpeft.engine.build"), "PretrainedUnavailable", None)
+    unavailable = getattr(mod("vpeft.backbones.build"), "PretrainedUnavailable", None)
     if unavailable is not None and isinstance(e, unavailable):
         return 2
     kinds = [getattr(mod("vpeft.data.video"), "VideoDecodeError", None),

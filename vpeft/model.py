@@ -1,66 +1,18 @@
 """Drop-in adaptation of an open_clip model to video: :func:`adapt` and :class:`VideoModel`."""
 from __future__ import annotations
 
-from typing import Dict, Iterable, Iterator, Mapping, Optional, Set, Tuple
+from typing import Dict, Iterator, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
 
-from .backbones.towers import (TextTower, UnsupportedBackbone, VisionTower, refusal, text_parameters, text_tower,
-                               vision_tower)
-from .methods.msta import FusedMSTA, MSTABlock, msta_layers
-from .methods.side4video import SideHead, SideNetwork
-from .methods.st_adapter import PRESETS, STAdapter, STAdapterBlock
+from .backbones.towers import TextTower, VisionTower, text_tower, vision_tower
+from .methods import BUILTIN_METHODS
+from .methods.registry import InjectContext, MethodSpec, get_method
 
-METHODS = ("linear_probe", "full_finetune", "st_adapter", "msta", "side4video")
-
-_OPTIONS: Dict[str, Set[str]] = {
-    "linear_probe": {"dropout"},
-    "full_finetune": {"dropout", "text"},
-    "st_adapter": {"preset", "bottleneck", "dropout"},
-    "msta": {"bottleneck", "layers", "scale", "adapter_dropout", "text", "dropout"},
-    "side4video": {"side_width", "side_layers", "fusion", "norm", "checkpointing", "stream", "pos_std", "dropout"},
-}
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _is_fraction(v) -> bool:
-    return _is_number(v) and 0 <= v < 1
-
-
-# what each option of :func:`adapt` must be: (test, what is expected); checked before anything is built
-_OPTION_TYPES = {
-    "dropout": (_is_fraction, "a number in [0, 1)"),
-    "adapter_dropout": (_is_fraction, "a number in [0, 1)"),
-    "preset": (lambda v: isinstance(v, str), "a preset name (str)"),
-    "bottleneck": (lambda v: _is_int(v) and v >= 1, "a positive int"),
-    "side_width": (lambda v: _is_int(v) and v >= 1, "a positive int"),
-    "side_layers": (lambda v: _is_int(v) and v >= 1, "a positive int"),
-    "layers": (lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_int(i) for i in v),
-               "a (first, last) pair of 1-based ints"),
-    "scale": (_is_number, "a number"),
-    "pos_std": (lambda v: v is None or (_is_number(v) and v >= 0), "a non-negative number or None"),
-    "fusion": (lambda v: v in ("mean", "sum"), "'mean' or 'sum'"),
-    "norm": (lambda v: v in ("pre", "post"), "'pre' or 'post'"),
-    "text": (lambda v: isinstance(v, bool), "True or False"),
-    "checkpointing": (lambda v: isinstance(v, bool), "True or False"),
-    "stream": (lambda v: isinstance(v, bool), "True or False"),
-}
-
-
-def _check_options(method: str, options: Mapping) -> None:
-    """Refuse an option of the wrong type or range (``bottleneck=16.7``), naming it and the value."""
-    for name, value in options.items():
-        test, expected = _OPTION_TYPES[name]
-        if not test(value):
-            raise ValueError(f"{method} option {name}={value!r} ({type(value).__name__}); expected {expected}")
+METHODS = BUILTIN_METHODS
+"""The methods shipped with vpeft (see :mod:`vpeft.methods.registry` for adding one;
+:func:`vpeft.methods.method_names` lists every registered method)."""
 
 
 class ClassifierHead(nn.Module):
@@ -111,38 +63,45 @@ class VideoModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, method: str, num_frames: int, num_classes: Optional[int],
                  tower: VisionTower, text: Optional[TextTower], *, msta: Optional[nn.ModuleList] = None,
-                 side: Optional[SideNetwork] = None, head: Optional[nn.Module] = None):
+                 side: Optional[nn.Module] = None, head: Optional[nn.Module] = None,
+                 extra: Optional[nn.Module] = None, options: Optional[Dict] = None,
+                 frozen: Optional[Set[int]] = None):
         super().__init__()
         self.backbone = backbone
         self.method = method
         self.num_frames = num_frames
         self.num_classes = num_classes
+        self.options = dict(options or {})
         object.__setattr__(self, "tower", tower)
         object.__setattr__(self, "text_tower", text)
         self.msta = msta
         self.side = side
         self.head = head
+        self.extra = extra
         self.side_stream = False
+        self.backbone_name: Optional[str] = None   # set by the builder that made the backbone by name
+        self.classes: Optional[list] = None        # class names, when known (saved with the weights)
+        # ids of the backbone's own modules (before injection): they stay in eval mode
+        self._frozen_ids = frozen if frozen is not None else {id(m) for m in backbone.modules()}
         self.train(False)
+
+    @property
+    def spec(self) -> MethodSpec:
+        """The registered method this model was built with."""
+        return get_method(self.method)
 
     # ------------------------------------------------------------------ modes
     def train(self, mode: bool = True):
-        """Set train mode on the trained parts; frozen backbone modules stay in eval."""
+        """Set train mode on the trained parts; the backbone's own modules stay in eval
+        (except when the method trains the backbone)."""
         super().train(mode)
-        if self.method != "full_finetune":
-            ours = {id(m) for part in self._trained_modules() for m in part.modules()}
+        if not self.spec.trains_backbone:
+            # the backbone's own modules, and the wrappers injected around them, stay in eval;
+            # injected modules that hold none of the backbone's (the adapters) follow ``mode``
             for m in self.backbone.modules():
-                if id(m) not in ours:
+                if id(m) in self._frozen_ids or any(id(c) in self._frozen_ids for c in m.modules()):
                     m.training = False
         return self
-
-    def _trained_modules(self) -> Iterable[nn.Module]:
-        for m in self.backbone.modules():
-            if isinstance(m, STAdapter):
-                yield m
-        for part in (self.msta, self.side, self.head):
-            if part is not None:
-                yield part
 
     # ------------------------------------------------------------------ input
     def _check_video(self, video: torch.Tensor) -> torch.Tensor:
@@ -185,7 +144,7 @@ class VideoModel(nn.Module):
         [CLS] for ViCLIP), then its post-pool norm; see
         :meth:`~vpeft.backbones.towers.VisionTower.video_feature`."""
         frames = video if self.tower.layout == "nt" else video.flatten(0, 1)
-        if self.method == "linear_probe":
+        if not self.spec.backbone_grad:
             with torch.no_grad():
                 x, _ = self.tower.forward_intermediates(frames)
         else:
@@ -220,7 +179,7 @@ class VideoModel(nn.Module):
         if self.num_classes is None:
             return self.encode_video(video)
         video = self._check_video(video)
-        if self.method == "side4video":
+        if self.side is not None:
             return self.head(self._side_tokens(video))
         return self.head(self._pooled(video))
 
@@ -228,11 +187,12 @@ class VideoModel(nn.Module):
         """Video embedding ``(B, E)``.
 
         For the backbone-based methods: the pooled [CLS] feature through the tower's
-        projection (the joint image-text space). For ``side4video``: the side
-        network's pooled feature ``(B, d)`` (its own space; no projection).
+        projection (the joint image-text space). For a method with a side network
+        (``side4video``): the side network's pooled feature ``(B, d)`` (its own space;
+        no projection).
         """
         video = self._check_video(video)
-        if self.method == "side4video":
+        if self.side is not None:
             return self.head.features(self._side_tokens(video))
         return self.tower.project(self._pooled(video))
 
@@ -271,6 +231,22 @@ class VideoModel(nn.Module):
         keys = self._trained_keys()
         return {k: v for k, v in self.state_dict().items() if k in keys}
 
+    def save_pretrained(self, directory: str, *, classes: Optional[Sequence[str]] = None,
+                        backbone_name: Optional[str] = None) -> str:
+        """Write ``adapter_config.json`` (method, options, num_frames, classes, backbone name and
+        weight fingerprint, vpeft version) and ``adapter_model.safetensors`` (only the trained
+        weights) into ``directory``; rebuild with :func:`vpeft.from_pretrained`."""
+        from .pretrained import save_pretrained
+
+        return save_pretrained(directory, self.pretrained_config(classes, backbone_name), self.adapter_state_dict())
+
+    def pretrained_config(self, classes: Optional[Sequence[str]] = None, backbone_name: Optional[str] = None) -> Dict:
+        """The ``adapter_config.json`` record of this model (see :mod:`vpeft.pretrained`)."""
+        from .pretrained import adapter_config
+
+        return adapter_config(self, classes=classes if classes is not None else self.classes,
+                              backbone_name=backbone_name)
+
     def load_adapter_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
         """Load weights saved by :meth:`adapter_state_dict`.
 
@@ -292,43 +268,6 @@ class VideoModel(nn.Module):
         return self
 
 
-def _check_viclip(tower: VisionTower, method: str, num_frames: int) -> None:
-    """What each method means on ViCLIP (one [CLS] per clip, joint space-time attention).
-
-    ``linear_probe``, ``full_finetune``, ``msta`` (the paper's backbone; temporal
-    up-projection over the ``(n t)`` layout) and ``st_adapter`` (the same adapter on the
-    patch tokens, its temporal conv over the frames of each patch position, [CLS]
-    unchanged) are well defined. ``side4video`` is not: its ladder reads per-frame
-    features with a per-frame [CLS] (token shift, retrieval head), which ViCLIP does
-    not have.
-    """
-    if method == "side4video":
-        raise ValueError("side4video is not defined on ViCLIP: the side network's ladder, [CLS] token shift and "
-                         "retrieval head need per-frame features with a [CLS] token per frame, and ViCLIP has one "
-                         "[CLS] for the whole clip (joint space-time attention). Use an open_clip CLIP or EVA "
-                         "backbone for side4video, or msta/st_adapter on ViCLIP.")
-    if num_frames != tower.visual.num_frames:
-        raise ValueError(f"num_frames={num_frames} but this ViCLIP was built for {tower.visual.num_frames} frames "
-                         "(its temporal position embedding has that length)")
-
-
-def _full_finetune_parameters(model: nn.Module, tower: VisionTower, num_classes: Optional[int], options) -> None:
-    """``full_finetune`` trains the vision tower (its projection only when there is no
-    classifier, since a classifier reads the pre-projection feature) and, with
-    ``text=True`` (tasks that encode text), the text side of the model as well."""
-    use_text = options.get("text", False)
-    if not isinstance(use_text, bool):
-        raise ValueError(f"full_finetune option text must be True or False, got {use_text!r}")
-    for p in tower.trainable_parameters(projection=num_classes is None):
-        p.requires_grad_(True)
-    if use_text:
-        params = text_parameters(model) if hasattr(model, "visual") else []
-        if not params:
-            raise ValueError(f"text=True but {type(model).__name__} has no text tower")
-        for p in params:
-            p.requires_grad_(True)
-
-
 def adapt(model: nn.Module, method: str, *, num_frames: int, num_classes: Optional[int] = None,
           **options) -> VideoModel:
     """Adapt an open_clip model, a bare timm ViT/Eva or a ViCLIP to video, in place.
@@ -337,121 +276,50 @@ def adapt(model: nn.Module, method: str, *, num_frames: int, num_classes: Option
         model: an open_clip model (native ViT incl. CLIPA and CoCa, or a timm ViT/Eva
             tower: SigLIP/SigLIP2, EVA, PE-Core, MobileCLIP-B/L, ViTamin), a bare timm
             ``VisionTransformer``/``Eva`` (image-only: no text tower), or a
-            :class:`vpeft.backbones.viclip.ViCLIP` (not with ``side4video``, see
-            :func:`_check_viclip`; ``num_frames`` must be the ViCLIP's own). Anything
-            else raises :class:`~vpeft.backbones.towers.UnsupportedBackbone` naming the
-            class and the supported families (:data:`vpeft.backbones.towers.FAMILIES`).
-        method: ``linear_probe``, ``full_finetune``, ``st_adapter``, ``msta`` or ``side4video``.
+            :class:`vpeft.backbones.viclip.ViCLIP` (``num_frames`` must be its own; not
+            with ``side4video``, which needs a [CLS] per frame). Anything else raises
+            :class:`~vpeft.backbones.towers.UnsupportedBackbone` naming the class and the
+            supported families (:data:`vpeft.backbones.towers.FAMILIES`).
+        method: a registered method (:func:`vpeft.methods.method_names`): ``linear_probe``,
+            ``full_finetune``, ``st_adapter``, ``msta``, ``side4video``, or one you registered.
         num_frames: ``T``, the number of frames every clip has.
         num_classes: add a classifier with this many classes (None: embeddings only).
-        **options: per method
-            - all: ``dropout`` (classifier dropout; 0.5, and 0 for ``side4video`` as in
-              every released Side4Video config).
-            - ``full_finetune``: ``text`` (also train the text side, for tasks that encode
-              text; default False: the vision tower, and its projection only when there
-              is no classifier).
-            - ``st_adapter``: ``preset`` ``"12x384"`` (before each MLP) or ``"24x384"``
-              (before attention and MLP), ``bottleneck`` (overrides r = 384).
-            - ``msta``: ``bottleneck`` (128), ``layers`` (default the last five blocks of
-              each tower; a 1-based inclusive ``(first, last)`` for both towers, or a pair
-              of them, one per tower; see :func:`vpeft.methods.msta.msta_layers`),
-              ``scale`` (0.005), ``adapter_dropout`` (0.1), ``text`` (adapt the text
-              tower; default True when there is one and ``num_classes`` is None).
-            - ``side4video``: ``side_width`` (320), ``side_layers`` (default the backbone
-              depth; must divide it), ``fusion`` (``"mean"``/``"sum"``), ``norm``
-              (``"pre"``/``"post"``, default from the backbone), ``checkpointing``,
-              ``pos_std``.
+        **options: the method's options; each method declares them with their defaults
+            in its registration (``vpeft.methods.get_method(method).options``), and an
+            unknown option or a value of the wrong type is refused naming it. All methods
+            take ``dropout`` (classifier dropout; 0.5, and 0 for ``side4video`` as in every
+            released Side4Video config) and ``backend``.
 
     Returns:
         a :class:`VideoModel` that owns ``model``.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    unknown = sorted(set(options) - _OPTIONS[method])
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for method {method!r}; "
-                         f"expected some of {sorted(_OPTIONS[method])}")
-    if not _is_int(num_frames) or num_frames < 1:
+    spec = get_method(method)
+    opts = spec.resolve(options)
+    if not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1:
         raise ValueError(f"num_frames must be a positive int, got {num_frames!r} ({type(num_frames).__name__})")
-    if num_classes is not None and (not _is_int(num_classes) or num_classes < 1):
+    if num_classes is not None and (not isinstance(num_classes, int) or isinstance(num_classes, bool)
+                                    or num_classes < 1):
         raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r} "
                          f"({type(num_classes).__name__})")
-    _check_options(method, options)
-    if any(isinstance(m, (STAdapterBlock, MSTABlock)) for m in model.modules()):
+    if getattr(model, "_vpeft_adapted", False):
         raise ValueError("this model has already been adapted by vpeft; build a fresh model")
     tower = vision_tower(model)
     text = text_tower(model)
-    if tower.kind == "viclip":
-        _check_viclip(tower, method, num_frames)
-    if method == "side4video":
-        with torch.no_grad():  # a tower without [CLS] must pool to token width
-            p0 = next(model.parameters())
-            try:
-                tower.side_view(torch.zeros(1, tower.num_prefix_tokens + 1, tower.width, dtype=p0.dtype,
-                                            device=p0.device))
-            except UnsupportedBackbone as e:
-                raise refusal(model, f"side4video: {e}") from None
+    if tower.kind == "viclip" and num_frames != tower.visual.num_frames:
+        raise ValueError(f"num_frames={num_frames} but this ViCLIP was built for {tower.visual.num_frames} frames "
+                         "(its temporal position embedding has that length)")
     p = next(model.parameters())
-    factory = dict(dtype=p.dtype)  # new modules are built on the backbone's device (see below)
-    dropout = float(options.get("dropout", 0.5))
-
-    model.requires_grad_(False)
-    if method == "full_finetune":
-        _full_finetune_parameters(model, tower, num_classes, options)
-    with torch.device(p.device):
-        return _build(model, method, num_frames, num_classes, tower, text, factory, dropout, options)
-
-
-def _build(model, method, num_frames, num_classes, tower, text, factory, dropout, options) -> VideoModel:
-    msta = side = head = None
-
-    if method == "st_adapter":
-        preset = options.get("preset", "12x384")
-        if preset not in PRESETS:
-            raise ValueError(f"unknown ST-Adapter preset {preset!r}; expected one of {tuple(PRESETS)}")
-        r = int(options.get("bottleneck", 384))
-        where = PRESETS[preset]
-        prefix = tower.num_prefix_tokens
-        for i, blk in enumerate(tower.blocks):
-            a_attn = STAdapter(tower.width, r, num_frames, tower.layout, prefix).to(**factory) \
-                if "attn" in where else None
-            a_mlp = STAdapter(tower.width, r, num_frames, tower.layout, prefix).to(**factory) \
-                if "mlp" in where else None
-            tower.blocks[i] = STAdapterBlock(blk, tower.ops, a_attn, a_mlp)
-    elif method == "msta":
-        # a classifier does not use the text tower: no (untrained) text adapters unless asked
-        use_text = options.get("text", text is not None and num_classes is None)
-        if use_text and text is None:
-            raise ValueError("text=True but this model has no text tower")
-        t = text if use_text else None
-        vis, txt = msta_layers(options.get("layers"), tower.depth, len(t.blocks) if t else None)
-        r = int(options.get("bottleneck", 128))
-        msta = nn.ModuleList()
-        for k, i in enumerate(vis):
-            m = FusedMSTA(tower.width, t.width if t else None, r, num_frames,
-                          scale=float(options.get("scale", 0.005)),
-                          dropout=float(options.get("adapter_dropout", 0.1)), layout=tower.layout,
-                          num_prefix_tokens=tower.num_prefix_tokens).to(**factory)
-            msta.append(m)
-            tower.blocks[i] = MSTABlock(tower.blocks[i], tower.ops, m, "vision")
-            if t is not None:
-                t.blocks[txt[k]] = MSTABlock(t.blocks[txt[k]], t.ops, m, "text")
-    elif method == "side4video":
-        norm = options.get("norm", "post" if tower.post_norm else "pre")
-        if norm not in ("pre", "post"):
-            raise ValueError(f"norm must be 'pre' or 'post', got {norm!r}")
-        if tower.patch_size[0] != tower.patch_size[1]:
-            raise ValueError(f"side4video needs square patches, got {tower.patch_size}")
-        side = SideNetwork(tower.width, tower.depth, int(options.get("side_width", 320)),
-                           int(options.get("side_layers", tower.depth)), num_frames, tower.patch_size[0],
-                           tower.num_patches, post_norm=(norm == "post"), fusion=options.get("fusion", "mean"),
-                           pos_std=options.get("pos_std"),
-                           checkpointing=bool(options.get("checkpointing", False))).to(**factory)
-        head = SideHead(side.pos.shape[1], num_classes, float(options.get("dropout", 0.0)), num_frames,
-                        norm=not side.post_norm).to(**factory)
-
-    if head is None and num_classes is not None:
-        head = ClassifierHead(tower.feature_dim, num_classes, dropout).to(**factory)
-    vm = VideoModel(model, method, num_frames, num_classes, tower, text, msta=msta, side=side, head=head)
-    vm.side_stream = bool(options.get("stream", False)) and side is not None
+    frozen = {id(m) for m in model.modules()}
+    model.requires_grad_(False)   # a method that trains backbone weights marks them in its inject
+    ctx = InjectContext(model=model, tower=tower, text=text, num_frames=num_frames, num_classes=num_classes,
+                        options=opts, factory=dict(dtype=p.dtype))
+    with torch.device(p.device):   # new modules are built on the backbone's device
+        parts = spec.inject(ctx)
+        head = parts.head
+        if head is None and num_classes is not None:
+            head = ClassifierHead(tower.feature_dim, num_classes, opts["dropout"]).to(dtype=p.dtype)
+    vm = VideoModel(model, spec.name, num_frames, num_classes, tower, text, msta=parts.msta, side=parts.side,
+                    head=head, extra=parts.extra, options=opts, frozen=frozen)
+    vm.side_stream = bool(parts.side_stream) and parts.side is not None
+    object.__setattr__(model, "_vpeft_adapted", True)
     return vm

@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbones.build import create_model, create_tiny_eva, create_vision_tower
+from .backbones.build import create_backbone, create_tiny_eva, create_vision_tower
+from .methods.registry import get_method
 from .model import VideoModel, adapt
 
 GB = 1e9
@@ -38,8 +39,8 @@ GB = 1e9
 class BackboneSpec:
     """A backbone the suite knows: how to build it, its papers' batch size and Side4Video sizes.
 
-    ``side_light`` / ``side_full``: (side layers, side width), or None when METHODS.md
-    defines no such configuration. ``side_memory``: Side4Video options this backbone
+    ``side_light`` / ``side_full``: (side layers, side width), or None when the Side4Video
+    paper defines no such configuration. ``side_memory``: Side4Video options this backbone
     needs to fit (ViT-E: streaming and checkpointing). ``gpu``: a GPU-sized case.
     """
 
@@ -55,21 +56,14 @@ class BackboneSpec:
     num_classes: int = 174              # SSv2; also the number of MSTA class prompts per step
 
     def build(self, device, dtype, with_text: bool) -> nn.Module:
-        if self.name == "tiny-vit":
-            import open_clip
-            from .backbones.build import construct_on
-
-            with construct_on(device, dtype):
-                model = open_clip.CLIP(embed_dim=32, vision_cfg=dict(layers=6, width=128, patch_size=8,
-                                                                     image_size=self.image_size, head_width=64),
-                                       text_cfg=dict(context_length=16, vocab_size=100, width=64, heads=2,
-                                                     layers=6))
-            return model.eval() if with_text else model.visual.eval()
         if self.name == "tiny-eva":
             return create_tiny_eva(depth=4, image_size=self.image_size, device=device, dtype=dtype)
-        if with_text:
-            return create_model(self.open_clip_name, device=device, dtype=dtype)
-        return create_vision_tower(self.open_clip_name, device=device, dtype=dtype)
+        if not with_text and self.name != "tiny-vit":
+            return create_vision_tower(self.open_clip_name, device=device, dtype=dtype)
+        model = create_backbone(self.open_clip_name or self.name, device=device, dtype=dtype,
+                                config={"vision_cfg": {"image_size": self.image_size}}
+                                if self.name == "tiny-vit" else None)
+        return model.eval() if with_text else model.visual.eval()
 
     @property
     def has_text(self) -> bool:
@@ -101,7 +95,7 @@ def method_options(preset: str, spec: BackboneSpec) -> Tuple[str, dict]:
     if preset in ("side4video_light", "side4video"):
         size = spec.side_light if preset == "side4video_light" else spec.side_full
         if size is None:
-            raise ValueError(f"METHODS.md section 3 defines no {preset} configuration for {spec.name}")
+            raise ValueError(f"the Side4Video paper defines no {preset} configuration for {spec.name}")
         return "side4video", dict(side_layers=size[0], side_width=size[1], **spec.side_memory)
     raise ValueError(f"unknown method preset {preset!r}; expected one of {METHOD_PRESETS}")
 
@@ -135,22 +129,12 @@ def flash_attn_status() -> str:
 
 @contextlib.contextmanager
 def record_op_backends(seen: Dict[str, set]) -> Iterator[None]:
-    """Record which backend every vpeft op call dispatched to (``{op: {backend, ...}}``)."""
-    from vpeft_kernels import _backend
+    """Record which backend every vpeft op call dispatched to (``{op: {backend, ...}}``), as
+    :func:`vpeft_kernels._backend.chosen_backend` reports it for each call's inputs."""
+    from .methods.ops import record_backends
 
-    original = _backend.select
-
-    def select(op, backend, *args, **kwargs):
-        fn = original(op, backend, *args, **kwargs)
-        names = [b for b, impl in _backend._REGISTRY[op].items() if impl.fn is fn]
-        seen.setdefault(op, set()).update(names or ["?"])
-        return fn
-
-    _backend.select = select
-    try:
+    with record_backends(seen):
         yield
-    finally:
-        _backend.select = original
 
 
 @contextlib.contextmanager
@@ -179,8 +163,8 @@ def _sync(device: torch.device) -> None:
 class TrainingStep:
     """One optimisation step on a fixed synthetic batch; call it to run a step.
 
-    The loss is cross-entropy on the classifier's logits, except for ``msta`` on a
-    model with a text tower, where it is CLIP-style: cosine logits between the video
+    The loss is cross-entropy on the classifier's logits, except for a method that uses
+    the text tower (``msta``) on a model with one, where it is CLIP-style: cosine logits between the video
     embeddings and the embeddings of ``num_classes`` class prompts (random tokens)
     encoded by the adapted text tower in every step, as MSTA trains.
     Each call appends its wall time (synchronised) to :attr:`times`.
@@ -196,7 +180,7 @@ class TrainingStep:
         self.video = torch.randn(batch, frames, 3, image_size, image_size, generator=gen).to(self.device, dtype)
         self.labels = torch.randint(0, num_classes, (batch,), generator=gen).to(self.device)
         self.text = None
-        if vm.method == "msta" and vm.text_tower is not None:
+        if vm.spec.uses_text and vm.text_tower is not None:
             ctx = getattr(vm.backbone, "context_length", TEXT_CONTEXT)
             vocab = getattr(vm.backbone, "vocab_size", 100)
             self.text = torch.randint(1, vocab, (num_classes, ctx), generator=gen).to(self.device)
@@ -223,8 +207,9 @@ def build_case(preset: str, backbone: str, frames: int, device, dtype) -> VideoM
     """Build the backbone on ``device`` in ``dtype`` and adapt it with ``preset``."""
     spec = BACKBONES[backbone]
     method, options = method_options(preset, spec)
-    model = spec.build(device, dtype, with_text=(method == "msta" and spec.has_text))
-    num_classes = None if (method == "msta" and spec.has_text) else spec.num_classes
+    text = get_method(method).uses_text and spec.has_text
+    model = spec.build(device, dtype, with_text=text)
+    num_classes = None if text else spec.num_classes
     return adapt(model, method, num_frames=frames, num_classes=num_classes, **options)
 
 

@@ -203,8 +203,20 @@ TINY_BACKBONES: Dict[str, Dict[str, Any]] = {
     "clip-tiny-text": dict(embed_dim=64, vision_cfg=dict(layers=4, width=96, patch_size=8, image_size=32,
                                                          head_width=32),
                            text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=2)),
+    # the profiling suite's CPU case
+    "tiny-vit": dict(embed_dim=32, vision_cfg=dict(layers=6, width=128, patch_size=8, image_size=32, head_width=64),
+                     text_cfg=dict(context_length=16, vocab_size=100, width=64, heads=2, layers=6)),
 }
-"""Small open_clip CLIP configs for CPU runs; ``clip-tiny-text`` takes real BPE token ids."""
+"""Small open_clip CLIP configs for CPU runs; ``clip-tiny-text`` takes real BPE token ids.
+:func:`create_backbone` takes ``config=`` overrides for these (nested dicts merge)."""
+
+
+def _merged(base: Dict[str, Any], over: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    out = dict(base)
+    for k, v in (over or {}).items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
 
 def _open_clip_loader(model, path):
     import open_clip
@@ -337,8 +349,8 @@ def _open_clip_pretrained(name: str, pretrained: str, device, dtype):
 
 
 def create_backbone(name: str, pretrained: Union[None, str, bool] = None, checkpoint: Optional[str] = None,
-                    num_frames: Optional[int] = None, device: Union[str, torch.device] = "cpu",
-                    dtype: Optional[torch.dtype] = None) -> nn.Module:
+                    num_frames: Optional[int] = None, device: Union[str, torch.device, None] = None,
+                    dtype: Optional[torch.dtype] = None, config: Optional[Dict[str, Any]] = None) -> nn.Module:
     """Build the backbone ``name`` (see the module docstring for how names resolve).
 
     Args:
@@ -350,9 +362,15 @@ def create_backbone(name: str, pretrained: Union[None, str, bool] = None, checkp
             the official layout; timm: ``timm.models.load_checkpoint``; others: a state dict).
         num_frames: ViCLIP's temporal length (default 8); ignored by per-frame backbones.
         device, dtype: where and in what the parameters are allocated (built there
-            directly; ``"meta"`` gives shapes only). dtype defaults to the current default.
+            directly; ``"meta"`` gives shapes only; default the CPU). dtype defaults to the
+            current default.
+        config: for a :data:`TINY_BACKBONES` entry, values overriding its open_clip config
+            (nested dicts merge), e.g. ``{"vision_cfg": {"image_size": 64}}``.
     """
+    device = device or "cpu"
     dtype = dtype or torch.get_default_dtype()
+    if config and name not in TINY_BACKBONES:
+        raise ValueError(f"config overrides are only for the tiny backbones {sorted(TINY_BACKBONES)}, not {name!r}")
     if pretrained and checkpoint:
         raise ValueError("give either model.pretrained (a tag) or model.checkpoint (a local file), not both")
     source = _source(name)
@@ -362,7 +380,11 @@ def create_backbone(name: str, pretrained: Union[None, str, bool] = None, checkp
             what = "ViCLIP weights come from a local file" if entry.source == "viclip" else \
                 f"{name} is a vpeft test config with no pretrained weights"
             raise ValueError(f"{what}: drop pretrained (--pretrained), use checkpoint (--checkpoint PATH) for a file")
-        model = entry.build(num_frames, device, dtype)
+        if config:
+            cfg = _merged(TINY_BACKBONES[name], config)
+            model = _tiny_clip(cfg["vision_cfg"], cfg["text_cfg"], cfg["embed_dim"])(num_frames, device, dtype)
+        else:
+            model = entry.build(num_frames, device, dtype)
         loader = entry.load
     elif source == "open_clip":
         if pretrained:

@@ -1,4 +1,4 @@
-"""ViCLIP, the video-language backbone of MSTA (METHODS.md section 2).
+"""ViCLIP, the video-language backbone of MSTA (InternVid's ViCLIP, with its joint space-time attention).
 
 ViCLIP differs from a per-frame CLIP in four ways, all implemented here:
 

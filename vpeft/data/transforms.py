@@ -23,7 +23,7 @@ def _to_float(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-INTERPOLATIONS = ("bicubic", "bilinear")
+from ..engine.config import INTERPOLATIONS  # noqa: E402,F401 - the schema declares the choices (one place)
 
 
 def _resize(x: torch.Tensor, size: Tuple[int, int], mode: str) -> torch.Tensor:

@@ -34,9 +34,7 @@ import numpy as np
 
 log = logging.getLogger("vpeft.data")
 
-DECODERS = ("decord", "torchcodec", "pyav")
-"""The decoder backends, in the order ``auto`` tries them."""
-DECODER_CHOICES = ("auto",) + DECODERS
+from ..engine.config import DECODER_CHOICES, DECODERS  # noqa: E402,F401 - the schema declares them (one place)
 DEFAULT_FRAME_TEMPLATE = "img_{:05d}.jpg"
 
 Indices = Union[Sequence[int], Callable[[int], Sequence[int]]]

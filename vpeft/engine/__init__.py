@@ -1,4 +1,4 @@
-"""Training and evaluation engine: configuration, checkpoints, distributed set-up, the loop.
+"""Training and evaluation engine: configuration, checkpoints, distributed set-up, the one loop.
 
 ``Trainer`` and the distributed helpers are imported on first use, so reading a
 configuration (``vpeft.engine.config``) does not load torch.
@@ -7,9 +7,11 @@ import importlib
 
 from .config import ConfigError, load_config, preset_names
 
-_LAZY = {"Trainer": ".trainer", "DistInfo": ".distributed", "init_distributed": ".distributed"}
+_LAZY = {"Trainer": ".trainer", "Task": ".task", "RecognitionTask": ".task", "DistInfo": ".distributed",
+         "init_distributed": ".distributed"}
 
-__all__ = ["Trainer", "load_config", "preset_names", "ConfigError", "DistInfo", "init_distributed"]
+__all__ = ["Trainer", "Task", "RecognitionTask", "load_config", "preset_names", "ConfigError", "DistInfo",
+           "init_distributed"]
 
 
 def __getattr__(name):

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from ..backbones.build import TINY_BACKBONES, PretrainedUnavailable, create_backbone  # noqa: F401
 from ..data import EpochSampler, TestTransform, TrainTransform, VideoDataset, collate, read_class_names, read_list
 from ..data.transforms import resolve_interpolation
+from ..methods.registry import get_method
 from ..model import VideoModel, adapt
 from .config import ConfigError, flip_label_map
 from .distributed import DistInfo
@@ -33,18 +34,43 @@ def _checkpoint_block(block: torch.nn.Module) -> None:
     block.forward = forward
 
 
-def build_model(cfg: Dict[str, Any], num_classes: int, device: torch.device) -> VideoModel:
-    """The backbone adapted by ``model.method`` with a ``num_classes`` classifier, on ``device``."""
+def backbone_from_config(cfg: Dict[str, Any], device: Optional[torch.device] = None) -> torch.nn.Module:
+    """The backbone ``model.backbone`` with ``model.pretrained`` / ``model.checkpoint`` (the one builder)."""
     m = cfg["model"]
-    backbone = create_backbone(m["backbone"], m["pretrained"], m["checkpoint"], num_frames=m["num_frames"])
+    return create_backbone(m["backbone"], pretrained=m["pretrained"], checkpoint=m["checkpoint"],
+                           num_frames=m["num_frames"], device=device)
+
+
+def method_spec(cfg: Dict[str, Any]):
+    """The registered method ``model.method`` (a ConfigError lists the registered ones)."""
+    try:
+        return get_method(cfg["model"]["method"])
+    except ValueError as e:
+        raise ConfigError(f"model.method: {e}") from None
+
+
+def build_video_model(cfg: Dict[str, Any], num_classes: Optional[int], device: torch.device) -> VideoModel:
+    """The backbone adapted by ``model.method`` (with a ``num_classes`` classifier, or none), on ``device``.
+
+    ``train.activation_checkpointing`` applies as the method declares: recomputing each
+    backbone block, or through the method's own ``checkpointing`` option.
+    """
+    m = cfg["model"]
+    spec = method_spec(cfg)
+    backbone = backbone_from_config(cfg)
     options = dict(m["options"])
-    if cfg["train"]["activation_checkpointing"] and m["method"] == "side4video":
+    ac = bool(cfg["train"]["activation_checkpointing"])
+    if ac and spec.checkpointing == "option":
         options["checkpointing"] = True
-    vm = adapt(backbone, m["method"], num_frames=m["num_frames"], num_classes=num_classes,
-               dropout=float(m["dropout"]), **options)
-    if cfg["train"]["activation_checkpointing"] and m["method"] in ("st_adapter", "msta", "full_finetune"):
+    try:
+        vm = adapt(backbone, spec.name, num_frames=m["num_frames"], num_classes=num_classes,
+                   dropout=float(m["dropout"]), **options)
+    except ValueError as e:
+        raise ConfigError(f"model.options: {e}") from None
+    if ac and spec.checkpointing == "blocks":
         for blk in vm.tower.blocks:
             _checkpoint_block(blk)
+    vm.backbone_name = m["backbone"]
     return vm.to(device)
 
 

@@ -3,8 +3,11 @@ and verified when read.
 
 A checkpoint is a directory ``checkpoints/step_00000120/`` holding
 
-* ``adapter.safetensors``: :meth:`VideoModel.adapter_state_dict` (adapters, side network,
-  head and their buffers; never the frozen backbone), with the run config as metadata;
+* ``adapter_model.safetensors``: the task's trained weights (for recognition
+  :meth:`VideoModel.adapter_state_dict`: adapters, side network, head and their buffers;
+  never the frozen backbone), with the run config as metadata, and
+  ``adapter_config.json`` describing them: a checkpoint is also a ``save_pretrained``
+  directory (:mod:`vpeft.pretrained`), loadable with ``vpeft.from_pretrained``;
 * ``state.pt``: step and epoch position, optimizer, scheduler, grad-scaler and every
   rank's RNG states, as plain containers and tensors only (it is read with
   ``torch.load(weights_only=True)``, so a file someone handed you cannot run code);
@@ -41,7 +44,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-WEIGHTS = "adapter.safetensors"
+WEIGHTS = "adapter_model.safetensors"   # the save_pretrained names (vpeft.pretrained)
+ADAPTER_CONFIG = "adapter_config.json"
 STATE = "state.pt"
 CONFIG = "config.yaml"
 MANIFEST = "manifest.json"
@@ -134,21 +138,26 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _serialize(weights: Dict[str, torch.Tensor], state: Dict[str, Any], config_yaml: str, step: int):
+def _serialize(weights: Dict[str, torch.Tensor], state: Dict[str, Any], config_yaml: str, step: int,
+               adapter_config: Optional[str] = None):
     from safetensors.torch import save as st_save
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
     buf = io.BytesIO()
     torch.save(state, buf)
-    return {WEIGHTS: st_save(tensors, metadata={"config": config_yaml, "step": str(step)}),
-            STATE: buf.getvalue(), CONFIG: config_yaml.encode()}
+    blobs = {WEIGHTS: st_save(tensors, metadata={"config": config_yaml, "step": str(step)}),
+             STATE: buf.getvalue(), CONFIG: config_yaml.encode()}
+    if adapter_config is not None:
+        blobs[ADAPTER_CONFIG] = adapter_config.encode()
+    return blobs
 
 
 def save_checkpoint(ckpt_dir: str, step: int, weights: Dict[str, torch.Tensor], state: Dict[str, Any],
-                    config_yaml: str, keep: int = 2) -> str:
+                    config_yaml: str, keep: int = 2, adapter_config: Optional[str] = None) -> str:
     """Write checkpoint ``step`` under ``ckpt_dir`` atomically; return its directory.
 
-    Everything is serialised in memory first, so a failure to write (a full disk) is an
+    ``adapter_config`` (JSON text) is written as ``adapter_config.json`` next to the weights
+    (listed in the manifest like every file). Everything is serialised in memory first, so a failure to write (a full disk) is an
     ``OSError`` with its errno, reported as :class:`CheckpointWriteError`. Saving a step
     that already has a checkpoint replaces it (there is one checkpoint per step). Older
     checkpoints beyond the newest ``keep`` are removed after the pointer moves.
@@ -156,7 +165,7 @@ def save_checkpoint(ckpt_dir: str, step: int, weights: Dict[str, torch.Tensor], 
     name = f"step_{step:08d}"
     final = os.path.join(ckpt_dir, name)
     tmp = os.path.join(ckpt_dir, f"{TMP_PREFIX}{name}-{os.getpid()}")
-    blobs = _serialize(weights, state, config_yaml, step)
+    blobs = _serialize(weights, state, config_yaml, step, adapter_config)
     where = ckpt_dir
     try:
         os.makedirs(ckpt_dir, exist_ok=True)
@@ -343,12 +352,6 @@ def load_state(ckpt: str) -> Dict[str, Any]:
                               "only tensors and plain containers; this one holds something else") from None
 
 
-def summary(ckpt: str) -> Dict[str, Any]:
-    """Small description of a checkpoint (for logs)."""
-    st = load_state(ckpt)
-    return {"path": find_checkpoint(ckpt), "step": st.get("step"), "epoch": st.get("epoch")}
-
-
 def _key_summary(label: str, keys: List[str]) -> str:
     return f"{len(keys)} {label}" + (f" (e.g. {', '.join(keys[:3])})" if keys else "")
 
@@ -406,5 +409,5 @@ def set_rng_state(st: Dict[str, Any]) -> None:
 
 
 __all__ = ["save_checkpoint", "find_checkpoint", "has_checkpoint", "verify", "load_weights", "load_state",
-           "atomic_write_text", "remove_leftovers", "summary", "backbone_load_error", "rng_state", "set_rng_state", "CheckpointError",
+           "atomic_write_text", "remove_leftovers", "backbone_load_error", "rng_state", "set_rng_state", "CheckpointError",
            "NoCheckpoint", "CheckpointWriteError"]

@@ -1,7 +1,10 @@
 """Run configuration: nested sections with defaults, YAML files, ``key=value`` overrides.
 
 Every key a run can set is declared here with its default; an unknown key anywhere
-(YAML or override) is an error that lists the keys the section has.
+(YAML or override) is an error that lists the keys the section has. This module (the
+schema and :class:`ConfigError`) imports nothing else of vpeft, so every layer can use
+it; checks that need the method registry or files happen where the run is built
+(:mod:`vpeft.engine.build`, the tasks).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "backbone": "ViT-B-16",      # open_clip model name, or a vpeft tiny config (see vpeft.engine.build)
         "pretrained": None,          # open_clip pretrained tag (needs network access)
         "checkpoint": None,          # local backbone weights file (the offline way to pretrained weights)
-        "method": "st_adapter",      # one of vpeft.METHODS
+        "method": "st_adapter",      # a registered method (vpeft.methods.method_names())
         "options": {},               # keyword options of vpeft.adapt for the method
         "num_frames": 8,             # T, frames per clip the model is built for
         "dropout": 0.5,              # classifier dropout
@@ -73,7 +76,7 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
     },
     "task": {
         "name": "recognition",       # recognition (classifier head, the Trainer) or a video-language task:
-                                     # zero_shot, few_shot, base_to_novel, retrieval (vpeft.tasks.runner)
+                                     # zero_shot, few_shot, base_to_novel, retrieval (vpeft.tasks)
         "template": "a video of {}", # class prompt (video-language recognition tasks)
         "shots": None,               # K videos per class (few_shot; base_to_novel: null = all base videos)
         "seed": 0,                   # seed of the K-shot draw
@@ -85,7 +88,7 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "alpha": 1.0,                # weight of the consistency loss
         "train_text": False,         # retrieval: also fine-tune the text tower
         "text_lr": 1e-7,             # retrieval: lr of the text tower when train_text
-        "adapters": None,            # trained weights (adapters.pt of a task run) to start from / evaluate
+        "adapters": None,            # trained weights (a run, checkpoint or save_pretrained directory) to evaluate
     },
     "output_dir": None,              # default: runs/<config name>-<timestamp>, a new directory per run
     "tensorboard": True,
@@ -93,6 +96,13 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
 }
 
 SECTIONS = ("model", "data", "train", "task")
+DECODERS = ("decord", "torchcodec", "pyav")
+"""``data.decoder`` backends, in the order ``auto`` tries them (:mod:`vpeft.data.video`)."""
+DECODER_CHOICES = ("auto",) + DECODERS
+INTERPOLATIONS = ("bicubic", "bilinear")
+"""``data.resize`` interpolations besides ``auto`` (:mod:`vpeft.data.transforms`)."""
+TASK_NAMES = ("recognition", "zero_shot", "few_shot", "base_to_novel", "retrieval")
+"""``task.name`` values: recognition (:mod:`vpeft.engine.task`) and the video-language tasks (:mod:`vpeft.tasks`)."""
 
 
 class ConfigError(ValueError):
@@ -210,10 +220,8 @@ def load_config(path_or_name: Optional[str] = None, overrides: Sequence[str] = (
 def validate(cfg: Dict[str, Any]) -> None:
     """Check types and cross-key constraints that do not need files or a model."""
     m, d, t = cfg["model"], cfg["data"], cfg["train"]
-    from ..model import METHODS
-
-    if m["method"] not in METHODS:
-        raise ConfigError(f"model.method={m['method']!r}; expected one of {METHODS}")
+    if not isinstance(m["method"], str) or not m["method"]:
+        raise ConfigError(f"model.method must be a method name, got {m['method']!r}")
     if not isinstance(m["options"], dict):
         raise ConfigError(f"model.options must be a mapping, got {m['options']!r}")
     for sec, key in (("model", "num_frames"), ("train", "batch_size"), ("train", "grad_accum"),
@@ -256,9 +264,6 @@ def validate(cfg: Dict[str, Any]) -> None:
 
 
 def _validate_decoding(d: Dict[str, Any]) -> None:
-    from ..data.transforms import INTERPOLATIONS
-    from ..data.video import DECODER_CHOICES
-
     if d["decoder"] not in DECODER_CHOICES:
         raise ConfigError(f"data.decoder={d['decoder']!r}; expected one of {DECODER_CHOICES}")
     if d["resize"] not in ("auto",) + INTERPOLATIONS:
@@ -280,9 +285,8 @@ def _validate_decoding(d: Dict[str, Any]) -> None:
 
 def _validate_task(cfg: Dict[str, Any]) -> None:
     t = cfg["task"]
-    names = ("recognition", "zero_shot", "few_shot", "base_to_novel", "retrieval")
-    if t["name"] not in names:
-        raise ConfigError(f"task.name={t['name']!r}; expected one of {names}")
+    if t["name"] not in TASK_NAMES:
+        raise ConfigError(f"task.name={t['name']!r}; expected one of {TASK_NAMES}")
     if t["shots"] is not None and (not isinstance(t["shots"], int) or isinstance(t["shots"], bool)
                                    or t["shots"] < 1):
         raise ConfigError(f"task.shots must be a positive integer or null, got {t['shots']!r}")
@@ -290,11 +294,6 @@ def _validate_task(cfg: Dict[str, Any]) -> None:
         raise ConfigError(f"task.splits must be a list of class-split files, got {t['splits']!r}")
     if not isinstance(t["template"], str) or "{}" not in t["template"]:
         raise ConfigError(f"task.template must contain '{{}}' for the class name, got {t['template']!r}")
-    if t["name"] == "retrieval" and cfg["model"]["method"] != "side4video":
-        raise ConfigError(f"task.name=retrieval is Side4Video's retrieval; model.method={cfg['model']['method']!r}")
-    if t["name"] in ("zero_shot", "few_shot", "base_to_novel") and cfg["model"]["method"] == "side4video":
-        raise ConfigError(f"task.name={t['name']} matches videos with class prompts in the joint space; side4video's "
-                          "feature is not in it (use task.name=retrieval or recognition)")
 
 
 def flip_label_map(value) -> Dict[int, int]:

@@ -1,7 +1,15 @@
-"""Recognition training and evaluation: the loop behind ``vpeft train`` and ``vpeft eval``."""
+"""The one training loop behind ``vpeft train`` and ``vpeft eval``, for every task.
+
+A :class:`~vpeft.engine.task.Task` supplies the model, data, loss and evaluation
+(recognition by default; the video-language tasks from :func:`vpeft.tasks.build_task`).
+The loop here owns torchrun DDP, autocast, gradient accumulation, the warm-up + cosine
+schedule, gradient clipping, atomic checkpoints with exact mid-epoch resume,
+metrics.jsonl / TensorBoard and progress bars.
+"""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -16,10 +24,11 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import rundir
-from .build import build_dataset, build_loader, build_model, check_data, resolve_classes
+from .build import build_loader
 from .config import ConfigError, dump
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier
 from .runlog import ProgressLog, RunLogger
+from .task import RecognitionTask, Task
 
 log = logging.getLogger("vpeft")
 
@@ -62,8 +71,22 @@ def _terminal() -> bool:
         return False
 
 
+class _LossModule(nn.Module):
+    """The trained module plus its task's loss as one forward, so DDP sees the whole step."""
+
+    def __init__(self, model: nn.Module, task: Task, device: torch.device, autocast):
+        super().__init__()
+        self.model = model
+        object.__setattr__(self, "task", task)
+        object.__setattr__(self, "device", device)
+        object.__setattr__(self, "autocast", autocast)
+
+    def forward(self, batch):
+        return self.task.loss(self.model, batch, self.device, self.autocast)
+
+
 class Trainer:
-    """Trains ``model.method`` on ``data.train_list`` and evaluates on ``data.val_list``.
+    """Trains a task's model on its training data and evaluates it.
 
     Everything that can be wrong with the configuration, the files or the model is
     checked here, in the constructor, before the first step.
@@ -71,8 +94,11 @@ class Trainer:
     Args:
         cfg: a configuration from :func:`vpeft.engine.config.load_config`.
         info: this process's place in the process group (single process by default).
+        task: what to train (default: recognition with a classifier; the video-language
+            tasks come from :func:`vpeft.tasks.build_task`).
         resume: a checkpoint (directory, run directory or ``checkpoints/``) to continue.
         progress: show tqdm progress bars (rank 0 only).
+        train: set up training (False: only evaluate, e.g. ``vpeft eval``).
         overwrite: a training run may replace a previous run in ``output_dir``
             (otherwise that is refused; see :func:`vpeft.engine.rundir.claim`).
         require_checkpoint: with ``resume``, a missing checkpoint is an error; with False
@@ -82,13 +108,18 @@ class Trainer:
     :meth:`fit` returns or :meth:`close` is called.
     """
 
-    def __init__(self, cfg: Dict[str, Any], info: Optional[DistInfo] = None, *, resume: Optional[str] = None,
-                 progress: bool = True, train: bool = True, overwrite: bool = False,
+    def __init__(self, cfg: Dict[str, Any], info: Optional[DistInfo] = None, *, task: Optional[Task] = None,
+                 resume: Optional[str] = None, progress: bool = True, train: bool = True, overwrite: bool = False,
                  require_checkpoint: bool = True):
         self.cfg = cfg
         self.info = info or DistInfo()
         self.progress = progress and self.info.is_main   # bars only on rank 0, and only on a terminal
         self.run_lock = None
+        if task is None:
+            if cfg["task"]["name"] != "recognition":
+                raise ConfigError(f"task.name={cfg['task']['name']!r}: pass task=vpeft.tasks.build_task(cfg, info)")
+            task = RecognitionTask(cfg, self.info)
+        self.task = task
         if train:
             resume = self._claim_output_dir(resume, overwrite, require_checkpoint)
         try:
@@ -106,17 +137,13 @@ class Trainer:
         np.random.seed(seed)
         random.seed(seed)
 
-        self.num_classes, self.class_names = resolve_classes(cfg)
-        check_data(cfg, self.num_classes, self.class_names, train=train)
-        self.model = build_model(cfg, self.num_classes, self.device)
-        if d["num_frames"] is not None and d["num_frames"] != self.model.num_frames:
+        self.task.check(train)
+        self.model = self.task.build(self.device)
+        self.video_model = self.task.video_model(self.model)
+        if d["num_frames"] is not None and d["num_frames"] != self.video_model.num_frames:
             raise ConfigError(f"data.num_frames={d['num_frames']} does not match the model's "
-                              f"num_frames={self.model.num_frames}")
-        self.val_ds = build_dataset(cfg, "val", self.model, self.num_classes, self.class_names) \
-            if d["val_list"] else None
-        if self.val_ds is not None:   # evaluation never substitutes: unreadable videos are excluded and reported
-            self.val_ds.on_unreadable = "raise" if d["strict"] else "skip"
-        self.train_ds = build_dataset(cfg, "train", self.model, self.num_classes, self.class_names) if train else None
+                              f"num_frames={self.video_model.num_frames}")
+        self.train_ds = self.task.train_dataset(self.model) if train else None
         torch.manual_seed(seed + 1 + self.info.rank)   # dropout differs per rank
 
         self.global_step, self.epoch, self.step_in_epoch = 0, 0, 0
@@ -171,30 +198,35 @@ class Trainer:
         self.total_steps = t["max_steps"] or t["epochs"] * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         warmup = int(round(float(t["warmup_epochs"]) * self.steps_per_epoch))
-        params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        if not params:
-            raise ConfigError(f"method {self.model.method!r} left nothing to train")
-        decay = [p for n, p in params if p.ndim >= 2]
-        no_decay = [p for n, p in params if p.ndim < 2]   # biases, norms, temporal taps
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": float(t["weight_decay"])}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=float(t["lr"]), betas=tuple(float(b) for b in t["betas"]),
-            fused=self.device.type == "cuda")
+        groups = [g for g in self.task.param_groups(self.model) if g["params"]]
+        if not groups:
+            raise ConfigError(f"method {self.video_model.method!r} left nothing to train")
+        self.optimizer = torch.optim.AdamW(groups, lr=float(t["lr"]), betas=tuple(float(b) for b in t["betas"]),
+                                           fused=self.device.type == "cuda")
         min_ratio = float(t["min_lr"]) / float(t["lr"]) if float(t["lr"]) > 0 else 0.0
         total = self.total_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: warmup_cosine(s, total, warmup, min_ratio))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=float(t["label_smoothing"]))
+        self.step_module = _LossModule(self.model, self.task, self.device, self._autocast)
         if self.info.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            # MSTA's text adapters get no gradient from a classification loss
-            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids,
-                                                           find_unused_parameters=self.model.method == "msta")
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.step_module, device_ids=ids,
+                find_unused_parameters=self.video_model.spec.find_unused_parameters or self.task.find_unused_parameters)
         self.loader, self.sampler = build_loader(self.train_ds, self.per_rank, self.info, self.cfg, train=True)
 
     def _resume(self, path: str, train: bool):
-        if not (os.path.isfile(path) and path.endswith(".safetensors")):
+        from ..pretrained import WEIGHTS_NAME, is_pretrained_dir, read_adapter_config
+
+        if not train and is_pretrained_dir(path) and not os.path.isfile(os.path.join(path, ckpt.STATE)):
+            # a save_pretrained directory: weights only
+            saved = read_adapter_config(path)
+            for key, mine in (("method", self.video_model.method), ("num_frames", self.video_model.num_frames)):
+                if saved[key] != mine:
+                    raise ConfigError(f"{path} holds weights for {key}={saved[key]!r}, this run has {key}={mine!r}")
+            path = os.path.join(path, WEIGHTS_NAME)
+        elif not (os.path.isfile(path) and path.endswith(".safetensors")):
             path = ckpt.find_checkpoint(path)   # verified once; a broken latest falls back with a warning
         weights, saved_cfg_text = ckpt.load_weights(path)
         if saved_cfg_text:
@@ -205,7 +237,7 @@ class Trainer:
                 if saved["model"][key] != self.cfg["model"][key]:
                     raise ConfigError(f"checkpoint {path!r} was trained with model.{key}={saved['model'][key]!r}, "
                                       f"this run has model.{key}={self.cfg['model'][key]!r}")
-        self.model.load_adapter_state_dict(weights)
+        self.task.load_state_dict(self.model, weights)
         if not train:
             return
         st = ckpt.load_state(path)
@@ -243,8 +275,9 @@ class Trainer:
                  "history": self.history, "world": self.info.world}
         self._saved_step = self.global_step
         path = ckpt.save_checkpoint(os.path.join(out_dir, "checkpoints"), self.global_step,
-                                    self.model.adapter_state_dict(), state, dump(self.cfg),
-                                    keep=int(self.cfg["train"]["keep_checkpoints"]))
+                                    self.task.state_dict(self.model), state, dump(self.cfg),
+                                    keep=int(self.cfg["train"]["keep_checkpoints"]),
+                                    adapter_config=json.dumps(self.task.pretrained_config(self.model), indent=2))
         log.info("saved checkpoint %s", path)
 
     def _clip_status(self, batch) -> List[Any]:
@@ -283,9 +316,10 @@ class Trainer:
         if self.info.is_main:
             ckpt.atomic_write_text(os.path.join(out, "config.yaml"), dump(cfg))
         logger.write({"event": "start" if self.global_step == 0 else "resume", "step": self.global_step,
-                      "method": self.model.method, "trainable_parameters": self.model.num_trainable_parameters(),
+                      "task": self.task.name, "method": self.video_model.method,
+                      "trainable_parameters": self._trainable(),
                       "world": self.info.world, "device": str(self.device)})
-        model = self.ddp or self.model
+        step_module = self.ddp or self.step_module
         accum = t["grad_accum"]
         eval_every = int(t["eval_every"])
         stop_at = t.get("stop_at_step")
@@ -315,14 +349,10 @@ class Trainer:
                             log.warning("rank %d: %d unreadable video(s) replaced: %s", self.info.rank,
                                         len(batch["failed"]), batch["failed"][:3])
                         clips += self._clip_status(batch)
-                        video = batch["video"].to(self.device, non_blocking=True)
-                        label = batch["label"].to(self.device, non_blocking=True)
                         sync = self.ddp.no_sync() if (self.ddp is not None and k < accum - 1) \
                             else contextlib.nullcontext()
                         with sync:
-                            with self._autocast():
-                                logits = model(video)
-                            loss = self.criterion(logits.float(), label)
+                            loss = step_module(batch)
                             self.scaler.scale(loss / accum).backward()
                         losses.append(loss.detach())
                     # before the optimizer step: a NaN/inf batch or loss on any rank stops every rank
@@ -334,7 +364,7 @@ class Trainer:
                         self._stop_nonfinite(step_loss, clips)
                     if t["clip_grad"]:
                         self.scaler.unscale_(self.optimizer)
-                        norm = nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                        norm = nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
                                                         float(t["clip_grad"]))
                         if not self.scaler.is_enabled() and not math.isfinite(float(norm)):   # fp16: scaler skips
                             self._stop_nonfinite(step_loss, clips, grad_norm=float(norm))
@@ -378,7 +408,7 @@ class Trainer:
                 if not int(t["checkpoint_every"]):
                     self._save(out)
                 finished = self.global_step >= self.total_steps
-                if self.val_ds is not None and (finished or (eval_every and self.epoch % eval_every == 0)):
+                if self.task.has_eval() and (finished or (eval_every and self.epoch % eval_every == 0)):
                     last_eval = self.evaluate()
                     logger.write({"split": "val", "step": self.global_step, "epoch": self.epoch, **last_eval},
                                  step=self.global_step)
@@ -391,65 +421,14 @@ class Trainer:
         return {"steps": self.global_step, "epochs": self.epoch, "history": self.history,
                 "skipped_videos": self.skipped_total, "eval": last_eval,
                 "train_time_s": self.train_time, "clips_per_s": self.train_clips / max(self.train_time, 1e-9),
-                "trainable_parameters": self.model.num_trainable_parameters()}
+                "trainable_parameters": self._trainable()}
+
+    def _trainable(self) -> int:
+        return sum(p.numel() for g in self.task.param_groups(self.model) for p in g["params"])
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self) -> Dict[str, Any]:
-        """Top-1, top-5 and mean-class accuracy (percent) and loss on ``data.val_list``.
-
-        Each video's ``test_clips x test_crops`` views are classified separately and their
-        softmax outputs averaged. Ranks evaluate disjoint shares; counts are all-reduced.
-        """
-        if self.val_ds is None:
+        """The task's evaluation (for recognition: top-1, top-5, mean-class accuracy and loss)."""
+        if not self.task.has_eval():
             raise ConfigError("data.val_list is not set: nothing to evaluate")
-        d = self.cfg["data"]
-        views = d["test_clips"] * d["test_crops"]
-        batch = max(1, int(self.cfg["train"]["batch_size"]) // (self.info.world * int(self.cfg["train"]["grad_accum"])))
-        batch = max(1, batch // views)
-        loader, sampler = build_loader(self.val_ds, batch, self.info, self.cfg, train=False)
-        sampler.set_epoch(0)
-        was_training = self.model.training
-        self.model.eval()
-        C = self.num_classes
-        correct = torch.zeros(C, dtype=torch.float64)
-        total = torch.zeros(C, dtype=torch.float64)
-        top5 = torch.zeros(1, dtype=torch.float64)
-        nll = torch.zeros(1, dtype=torch.float64)
-        skipped = torch.zeros(1, dtype=torch.float64)
-        skipped_names: List[str] = []
-        k = min(5, C)
-        for b in tqdm(loader, disable=None if self.progress else True, desc="eval", unit="batch", leave=False):
-            skipped += len(b["failed"])                      # unreadable: excluded, never replaced
-            skipped_names += b["failed"]
-            v = b["video"]                                   # (B, V, T, 3, S, S), readable videos only
-            if v is None:
-                continue
-            n = v.shape[0]
-            with self._autocast():
-                logits = self.model(v.flatten(0, 1).to(self.device, non_blocking=True))
-            prob = logits.float().softmax(-1).reshape(n, views, C).mean(1).cpu()
-            label = b["label"]
-            pred = prob.topk(k, dim=-1).indices
-            hit1 = (pred[:, 0] == label).double()
-            correct.index_add_(0, label, hit1)
-            total.index_add_(0, label, torch.ones(n, dtype=torch.float64))
-            top5 += (pred == label[:, None]).any(-1).double().sum()
-            nll += -prob.gather(1, label[:, None]).clamp_min(1e-12).log().double().sum()
-        stats = all_reduce_sum(torch.cat([correct, total, top5, nll, skipped]).to(self.device), self.info).cpu()
-        correct, total = stats[:C], stats[C:2 * C]
-        top5, nll, skipped = stats[2 * C], stats[2 * C + 1], stats[2 * C + 2]
-        n = float(total.sum())
-        seen = total > 0
-        self.model.train(was_training)
-        skipped_names = sorted(p for names in all_gather_objects(skipped_names, self.info) for p in names)
-        if skipped:
-            log.warning("evaluation: %d unreadable video(s) excluded (metrics are over the other %d): %s",
-                        int(skipped), int(n), ", ".join(skipped_names[:8]))
-        if n == 0:
-            raise ValueError(f"evaluation: none of the {int(skipped)} videos of data.val_list could be read "
-                             f"(e.g. {skipped_names[:3]}); check data.root and the list file")
-        return {"top1": 100.0 * float(correct.sum()) / n, "top5": 100.0 * float(top5) / n,
-                "mean_class": 100.0 * float((correct[seen] / total[seen]).mean()), "loss": float(nll) / n,
-                "videos": int(n), "videos_evaluated": int(n), "videos_skipped": int(skipped),
-                "videos_skipped_names": skipped_names, "views": views}
+        return self.task.evaluate(self.model, self.device, self._autocast, progress=self.progress)

@@ -1,4 +1,6 @@
-"""MSTA, the multimodal spatiotemporal adapter (METHODS.md section 2)."""
+"""MSTA, the multimodal spatiotemporal adapter: ``out = block(x) + s * A(first_norm(x))`` per adapted
+layer, with vision and text adapters sharing the bottleneck layer (the branch's math is
+``vpeft_kernels.reference.msta_adapter``)."""
 from __future__ import annotations
 
 import math
@@ -7,9 +9,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-import vpeft_kernels
-
 from ..backbones.towers import BlockOps, around_prefix
+from . import ops
 
 DEFAULT_LAST_BLOCKS = 5
 """The released runs adapt blocks 8..12 of 12: the last five blocks of each tower."""
@@ -84,8 +85,9 @@ class FusedMSTA(nn.Module):
 
     def __init__(self, vision_width: int, text_width: Optional[int] = None, bottleneck: int = 128,
                  num_frames: int = 8, scale: float = 0.005, dropout: float = 0.1, layout: str = "bt",
-                 num_prefix_tokens: int = 1):
+                 num_prefix_tokens: int = 1, backend: Optional[str] = None):
         super().__init__()
+        self.backend = backend   # the op backend (None: VPEFT_BACKEND, else auto)
         if layout not in ("bt", "nt"):
             raise ValueError(f"layout must be 'bt' (per-frame tokens) or 'nt' (ViCLIP clip tokens), got {layout!r}")
         if num_prefix_tokens < 0 or (layout == "nt" and num_prefix_tokens != 1):
@@ -129,14 +131,15 @@ class FusedMSTA(nn.Module):
         """Vision branch on normalised tokens ``u`` in this layer's ``layout``."""
         common = (self.vision_down.weight, self.vision_down.bias, self.shared.weight, self.shared.bias,
                   self.vision_up.weight, self.vision_up.bias)
+        backend = self.backend if backend is None else backend
 
         def full(z):
-            return vpeft_kernels.msta_adapter(
-                z, *common, self.vision_tconv_weight, self.vision_tconv_bias, scale=self.scale,
-                num_frames=self.num_frames, dropout_p=self._p(), layout=self.layout, backend=backend)
+            return ops.call("msta_adapter", z, *common, self.vision_tconv_weight, self.vision_tconv_bias,
+                            scale=self.scale, num_frames=self.num_frames, dropout_p=self._p(), layout=self.layout,
+                            backend=backend)
 
         def spatial(z):  # extra prefix tokens (registers): the branch a [CLS] gets, no temporal taps
-            return vpeft_kernels.msta_adapter(z, *common, scale=self.scale, dropout_p=self._p(), backend=backend)
+            return ops.call("msta_adapter", z, *common, scale=self.scale, dropout_p=self._p(), backend=backend)
 
         if self.layout == "nt":
             return full(u)
@@ -146,9 +149,10 @@ class FusedMSTA(nn.Module):
         """Text branch on normalised tokens ``u`` ``(B, L, D_t)``."""
         if self.text_down is None:
             raise ValueError("this FusedMSTA was built without a text adapter (text_width=None)")
-        return vpeft_kernels.msta_adapter(
-            u, self.text_down.weight, self.text_down.bias, self.shared.weight, self.shared.bias,
-            self.text_up.weight, self.text_up.bias, scale=self.scale, dropout_p=self._p(), backend=backend)
+        return ops.call(
+            "msta_adapter", u, self.text_down.weight, self.text_down.bias, self.shared.weight, self.shared.bias,
+            self.text_up.weight, self.text_up.bias, scale=self.scale, dropout_p=self._p(),
+            backend=self.backend if backend is None else backend)
 
 
 class MSTABlock(nn.Module):
@@ -177,3 +181,40 @@ class MSTABlock(nn.Module):
         u = self.ops.first_norm(self.block, x)
         branch = self.msta.vision(u) if self.modality == "vision" else self.msta.text(u)
         return y + branch.to(y.dtype)
+
+
+# ---------------------------------------------------------------------- registration
+from .registry import (InjectContext, Injected, MethodSpec, Option, fraction, positive_int,  # noqa: E402
+                       register_method)
+
+
+def _inject(ctx: InjectContext) -> Injected:
+    """One :class:`FusedMSTA` per adapted layer, shared by the vision block and (with ``text``) the text block."""
+    tower, o = ctx.tower, ctx.options
+    # a classifier does not use the text tower: no (untrained) text adapters unless asked
+    use_text = (ctx.text is not None and ctx.num_classes is None) if o["text"] is None else o["text"]
+    if use_text and ctx.text is None:
+        raise ValueError("text=True but this model has no text tower")
+    t = ctx.text if use_text else None
+    vis, txt = msta_layers(o["layers"], tower.depth, len(t.blocks) if t else None)
+    msta = nn.ModuleList()
+    for k, i in enumerate(vis):
+        m = FusedMSTA(tower.width, t.width if t else None, o["bottleneck"], ctx.num_frames, scale=o["scale"],
+                      dropout=o["adapter_dropout"], layout=tower.layout, num_prefix_tokens=tower.num_prefix_tokens,
+                      backend=o["backend"]).to(**ctx.factory)
+        msta.append(m)
+        tower.blocks[i] = MSTABlock(tower.blocks[i], tower.ops, m, "vision")
+        if t is not None:
+            t.blocks[txt[k]] = MSTABlock(t.blocks[txt[k]], t.ops, m, "text")
+    return Injected(msta=msta)
+
+
+register_method(MethodSpec(
+    "msta",
+    {"bottleneck": positive_int("bottleneck width r (must divide the vision width)", 128),
+     "layers": Option(None, (list, tuple), "None (the last blocks of each tower), a 1-based inclusive "
+                                           "(first, last) for both towers, or one pair per tower (msta_layers)"),
+     "scale": Option(0.005, float, "adapter output scale s"),
+     "adapter_dropout": fraction("dropout on the shared bottleneck", 0.1),
+     "text": Option(None, bool, "adapt the text tower too (None: when the model has one and there is no classifier)")},
+    inject=_inject, uses_text=True, find_unused_parameters=True))

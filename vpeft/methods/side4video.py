@@ -1,4 +1,4 @@
-"""Side4Video (METHODS.md section 3): a side network fed by multi-level backbone features.
+"""Side4Video: a side network fed by multi-level backbone features (ops: ``vpeft_kernels.reference``).
 
 The backbone runs without an autograd graph; the side network reads chosen layers'
 token features through the ladder projection, keeps its own patch tokens (no
@@ -21,8 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import vpeft_kernels
 from vpeft_kernels.reference import temporal_taps
+
+from . import ops
 
 HEAD_DIM = 64
 RELEASED_INIT_DEPTH = 12
@@ -131,8 +132,10 @@ class LadderProjection(nn.Module):
     Parameters are stacked over levels so the fused op sees them as one tensor each.
     """
 
-    def __init__(self, levels: int, backbone_width: int, side_width: int, norm: str = "pre"):
+    def __init__(self, levels: int, backbone_width: int, side_width: int, norm: str = "pre",
+                 backend: Optional[str] = None):
         super().__init__()
+        self.backend = backend   # the op backend (None: VPEFT_BACKEND, else auto)
         if norm not in ("pre", "post"):
             raise ValueError(f"norm must be 'pre' or 'post', got {norm!r}")
         self.norm = norm
@@ -147,8 +150,8 @@ class LadderProjection(nn.Module):
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """``L`` tensors ``(..., D)`` -> ``(L, ..., d)``."""
-        return vpeft_kernels.ladder_projection(list(features), self.ln_weight, self.ln_bias, self.weight,
-                                               self.bias, norm=self.norm)
+        return ops.call("ladder_projection", list(features), self.ln_weight, self.ln_bias, self.weight, self.bias,
+                        norm=self.norm, backend=self.backend)
 
     def level(self, i: int, z: torch.Tensor) -> torch.Tensor:
         """Project one level: ``z`` ``(..., D)`` through level ``i``'s norm and Linear -> ``(..., d)``.
@@ -157,8 +160,8 @@ class LadderProjection(nn.Module):
         gradients land in the same stacked tensors).
         """
         sl = slice(i, i + 1)
-        return vpeft_kernels.ladder_projection([z], self.ln_weight[sl], self.ln_bias[sl], self.weight[sl],
-                                               self.bias[sl], norm=self.norm)[0]
+        return ops.call("ladder_projection", [z], self.ln_weight[sl], self.ln_bias[sl], self.weight[sl],
+                        self.bias[sl], norm=self.norm, backend=self.backend)[0]
 
 
 class SideBlock(nn.Module):
@@ -173,8 +176,9 @@ class SideBlock(nn.Module):
     """
 
     def __init__(self, width: int, num_frames: int, post_norm: bool = False, mlp_ratio: float = 4.0,
-                 checkpointing: bool = False):
+                 checkpointing: bool = False, backend: Optional[str] = None):
         super().__init__()
+        self.backend = backend   # the op backend (None: VPEFT_BACKEND, else auto)
         if width % HEAD_DIM:
             raise ValueError(f"side_width={width} must be a multiple of {HEAD_DIM} (attention head width)")
         self.num_frames = num_frames
@@ -226,9 +230,10 @@ class SideBlock(nn.Module):
 
     def _attn(self, s, c, pos):
         ln_w, ln_b = (None, None) if self.post_norm else (self.attn_norm.weight, self.attn_norm.bias)
-        a = vpeft_kernels.token_shift_attention(
-            s, c, pos, ln_w, ln_b, self.qkv.weight, self.qkv.bias, self.out.weight, self.out.bias,
-            num_frames=self.num_frames, num_heads=self.num_heads, eps=self.attn_norm.eps)
+        a = ops.call(
+            "token_shift_attention", s, c, pos, ln_w, ln_b, self.qkv.weight, self.qkv.bias, self.out.weight,
+            self.out.bias, num_frames=self.num_frames, num_heads=self.num_heads, eps=self.attn_norm.eps,
+            backend=self.backend)
         return self.attn_norm(a) if self.post_norm else a
 
     def _mlp(self, s):
@@ -264,7 +269,8 @@ class SideNetwork(nn.Module):
 
     def __init__(self, backbone_width: int, backbone_layers: int, side_width: int = 320, side_layers: int = 12,
                  num_frames: int = 8, patch_size: int = 16, num_patches: int = 196, post_norm: bool = False,
-                 fusion: str = "mean", pos_std: Optional[float] = None, checkpointing: bool = False):
+                 fusion: str = "mean", pos_std: Optional[float] = None, checkpointing: bool = False,
+                 backend: Optional[str] = None):
         super().__init__()
         if fusion not in ("mean", "sum"):
             raise ValueError(f"fusion must be 'mean' or 'sum', got {fusion!r}")
@@ -275,9 +281,10 @@ class SideNetwork(nn.Module):
         self.stem = SideStem(side_width, patch_size)
         self.num_patches = num_patches
         self.pos = nn.Parameter(torch.randn(num_patches, side_width) * (pos_std or (0.02 if post_norm else 0.01)))
-        self.ladder = LadderProjection(side_layers, backbone_width, side_width, "post" if post_norm else "pre")
+        self.ladder = LadderProjection(side_layers, backbone_width, side_width, "post" if post_norm else "pre",
+                                       backend=backend)
         self.blocks = nn.ModuleList(
-            SideBlock(side_width, num_frames, post_norm=post_norm, checkpointing=checkpointing)
+            SideBlock(side_width, num_frames, post_norm=post_norm, checkpointing=checkpointing, backend=backend)
             for _ in range(side_layers))
 
     def add_cls_position(self, std: float = 0.01) -> None:
@@ -350,3 +357,50 @@ class SideHead(nn.Module):
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         return self.fc(self.drop(self.features(s)))
+
+
+# ---------------------------------------------------------------------- registration
+from ..backbones.towers import UnsupportedBackbone, refusal  # noqa: E402
+from .registry import InjectContext, Injected, MethodSpec, Option, positive_int, register_method  # noqa: E402
+
+
+def _inject(ctx: InjectContext) -> Injected:
+    """A :class:`SideNetwork` reading the frozen tower's layers, and a :class:`SideHead` (always: its
+    pooling defines the video feature)."""
+    tower, o = ctx.tower, ctx.options
+    if tower.layout != "bt":
+        raise ValueError("side4video is not defined on ViCLIP: the side network's ladder, [CLS] token shift and "
+                         "retrieval head need per-frame features with a [CLS] token per frame, and ViCLIP has one "
+                         "[CLS] for the whole clip (joint space-time attention). Use an open_clip CLIP or EVA "
+                         "backbone for side4video, or msta/st_adapter on ViCLIP.")
+    with torch.no_grad():  # a tower without [CLS] must pool to token width (its pooled feature is the shifted token)
+        p0 = next(ctx.model.parameters())
+        try:
+            tower.side_view(torch.zeros(1, tower.num_prefix_tokens + 1, tower.width, dtype=p0.dtype, device=p0.device))
+        except UnsupportedBackbone as e:
+            raise refusal(ctx.model, f"side4video: {e}") from None
+    norm = o["norm"] or ("post" if tower.post_norm else "pre")
+    if tower.patch_size[0] != tower.patch_size[1]:
+        raise ValueError(f"side4video needs square patches, got {tower.patch_size}")
+    side = SideNetwork(tower.width, tower.depth, o["side_width"], o["side_layers"] or tower.depth, ctx.num_frames,
+                       tower.patch_size[0], tower.num_patches, post_norm=(norm == "post"), fusion=o["fusion"],
+                       pos_std=o["pos_std"], checkpointing=o["checkpointing"], backend=o["backend"]).to(**ctx.factory)
+    head = SideHead(side.pos.shape[1], ctx.num_classes, o["dropout"], ctx.num_frames,
+                    norm=not side.post_norm).to(**ctx.factory)
+    return Injected(side=side, head=head, side_stream=o["stream"])
+
+
+register_method(MethodSpec(
+    "side4video",
+    {"side_width": positive_int("side network width d (a multiple of 64)", 320),
+     "side_layers": positive_int("side blocks l (must divide the backbone depth; None: the depth)", None),
+     "fusion": Option("mean", str, "ladder fusion: mean (released code) or sum (paper Eq. 2)",
+                      choices=("mean", "sum")),
+     "norm": Option(None, str, "pre (CLIP) or post (EVA) ladder/side norms; None: from the backbone",
+                    choices=("pre", "post")),
+     "checkpointing": Option(False, bool, "activation checkpointing of the side sub-blocks"),
+     "stream": Option(False, bool, "advance the frozen tower level by level (lower peak memory)"),
+     "pos_std": Option(None, float, "init std of the position embedding (None: 0.01 CLIP, 0.02 EVA)",
+                       valid=lambda v: v >= 0, expected="a non-negative number or None")},
+    inject=_inject, checkpointing="option", backbone_grad=False, joint_space=False,
+    common_defaults={"dropout": 0.0}))   # no head dropout, as in every released Side4Video config

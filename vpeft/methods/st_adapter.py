@@ -1,4 +1,5 @@
-"""ST-Adapter (METHODS.md section 1): a bottleneck adapter with a depthwise temporal conv."""
+"""ST-Adapter: ``x + up(dwconv_t(down(x)))``, a bottleneck adapter with a depthwise temporal conv
+(the math is ``vpeft_kernels.reference.st_adapter``)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -6,9 +7,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-import vpeft_kernels
-
 from ..backbones.towers import BlockOps, around_prefix
+from . import ops
 
 PRESETS = {"12x384": ("mlp",), "24x384": ("attn", "mlp")}
 """Adapter placements per block for each preset (both use bottleneck 384)."""
@@ -33,8 +33,9 @@ class STAdapter(nn.Module):
     """
 
     def __init__(self, width: int, bottleneck: int = 384, num_frames: int = 8, layout: str = "bt",
-                 num_prefix_tokens: int = 1):
+                 num_prefix_tokens: int = 1, backend: Optional[str] = None):
         super().__init__()
+        self.backend = backend   # the op backend (None: VPEFT_BACKEND, else auto)
         if layout not in ("bt", "nt"):
             raise ValueError(f"layout must be 'bt' (per-frame tokens) or 'nt' (ViCLIP clip tokens), got {layout!r}")
         if num_prefix_tokens < 0 or (layout == "nt" and num_prefix_tokens != 1):
@@ -54,9 +55,9 @@ class STAdapter(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def _op(self, x, backend):
-        return vpeft_kernels.st_adapter(
-            x, self.down.weight, self.down.bias, self.temporal_weight, self.temporal_bias,
-            self.up.weight, self.up.bias, num_frames=self.num_frames, backend=backend)
+        return ops.call("st_adapter", x, self.down.weight, self.down.bias, self.temporal_weight, self.temporal_bias,
+                        self.up.weight, self.up.bias, num_frames=self.num_frames,
+                        backend=self.backend if backend is None else backend)
 
     def forward(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         if self.layout == "bt":
@@ -96,3 +97,31 @@ class STAdapterBlock(nn.Module):
         if self.adapter_mlp is not None:
             x = self.adapter_mlp(x)
         return x + self.ops.mlp(self.block, x, kw)
+
+
+# ---------------------------------------------------------------------- registration
+from .registry import InjectContext, Injected, MethodSpec, Option, positive_int, register_method  # noqa: E402
+
+
+def _inject(ctx: InjectContext) -> Injected:
+    """ST-Adapters before each block's MLP (``12x384``) or before attention and MLP (``24x384``)."""
+    tower, o = ctx.tower, ctx.options
+    where = PRESETS[o["preset"]]
+    r = o["bottleneck"]
+
+    def make():
+        return STAdapter(tower.width, r, ctx.num_frames, layout=tower.layout, num_prefix_tokens=tower.num_prefix_tokens,
+                         backend=o["backend"]).to(**ctx.factory)
+
+    for i, blk in enumerate(tower.blocks):
+        tower.blocks[i] = STAdapterBlock(blk, tower.ops, make() if "attn" in where else None,
+                                         make() if "mlp" in where else None)
+    return Injected()
+
+
+register_method(MethodSpec(
+    "st_adapter",
+    {"preset": Option("12x384", str, "adapter placement: 12x384 (before each MLP) or 24x384 (attention and MLP)",
+                      choices=tuple(PRESETS)),
+     "bottleneck": positive_int("bottleneck width r", 384)},
+    inject=_inject))

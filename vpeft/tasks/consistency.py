@@ -1,4 +1,4 @@
-"""MSTA's spatiotemporal description-guided consistency constraint (METHODS.md section 2).
+"""MSTA's spatiotemporal description-guided consistency constraint.
 
 For each class ``c``: ``w_c`` is the trainable text encoder (with MSTA's text adapters)
 on the class prompt; ``D_s^c`` and ``D_t^c`` are the frozen text encoder (the same

@@ -1,4 +1,4 @@
-"""Side4Video text-video retrieval (METHODS.md section 3, retrieval head).
+"""Side4Video text-video retrieval: the retrieval head, token-wise matching and the metrics.
 
 Video side: the side network's tokens ``(B*T, N, d)`` go through BatchNorm and a mean
 over the ``N`` patches of each frame, ``(B, T, d)``; a zero-initialised bias-free
@@ -11,7 +11,7 @@ As in the released (CLIP4Clip-based) code, the retrieval side network's position
 embedding is ``(N+1, d)`` with row 0 added to the shifted [CLS], its parameters are
 re-initialised by :func:`released_retrieval_init_`, and the backbone's final LayerNorm,
 projection and ``logit_scale`` train too (at the text tower's small learning rate in
-:func:`vpeft.tasks.loops.train_retrieval`, as the released run's ``coef_lr`` does).
+:class:`vpeft.tasks.protocols.RetrievalTask`, as the released run's ``coef_lr`` does).
 
 Text side: every token's feature from the text tower (``ln_final`` then the text
 projection), ``(B, L, E)``, for the tokens from start-of-text to end-of-text.
@@ -30,7 +30,7 @@ Metrics: :func:`retrieval_metrics` (R@1, R@5, R@10, median and mean rank).
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -184,8 +184,10 @@ class RetrievalModel(nn.Module):
 
     def __init__(self, video_model: VideoModel, train_text: bool = False):
         super().__init__()
-        if not isinstance(video_model, VideoModel) or video_model.method != "side4video":
-            raise ValueError("RetrievalModel needs a VideoModel built with method='side4video'")
+        if not isinstance(video_model, VideoModel) or video_model.side is None:
+            method = getattr(video_model, "method", type(video_model).__name__)
+            raise ValueError(f"RetrievalModel needs a VideoModel with a side network (method='side4video'), "
+                             f"got {method!r}")
         if video_model.tower.layout != "bt":
             raise ValueError("the retrieval head needs per-frame [CLS] tokens (a per-frame CLIP/EVA tower)")
         if video_model.text_tower is None:
@@ -230,6 +232,47 @@ class RetrievalModel(nn.Module):
         """Side network, retrieval head, matching MLPs, then :meth:`backbone_parameters`."""
         return list(self.video_model.side.parameters()) + list(self.head.parameters()) + \
             list(self.matching.parameters()) + self.backbone_parameters()
+
+    def trained_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Only the trained weights: ``video_model.*`` (side network, and the backbone parameters of
+        :meth:`backbone_parameters`), ``head.*`` and ``matching.*``."""
+        out = {"video_model." + k: v for k, v in self.video_model.adapter_state_dict().items()}
+        text = {id(q) for q in self.backbone_parameters()}
+        for n, q in self.video_model.backbone.named_parameters():
+            if id(q) in text:
+                out["video_model.backbone." + n] = q.detach()
+        out.update({"head." + k: v for k, v in self.head.state_dict().items()})
+        out.update({"matching." + k: v for k, v in self.matching.state_dict().items()})
+        return out
+
+    def load_trained_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load :meth:`trained_state_dict`'s output; a missing or unexpected key is an error naming it."""
+        own = set(self.trained_state_dict())
+        missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
+        if missing or unexpected:
+            raise ValueError(f"retrieval weights do not match this model: missing {missing[:8]}, "
+                             f"unexpected {unexpected[:8]}")
+        vm = {k[len("video_model."):]: v for k, v in state.items() if k.startswith("video_model.")}
+        adapters = self.video_model._trained_keys()
+        self.video_model.load_adapter_state_dict({k: v for k, v in vm.items() if k in adapters})
+        rest = {k[len("backbone."):]: v for k, v in vm.items() if k not in adapters}   # backbone_parameters()
+        if rest:
+            self.video_model.backbone.load_state_dict(rest, strict=False)
+        self.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+        self.matching.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("matching.")})
+
+    def pretrained_config(self) -> Dict:
+        """The ``adapter_config.json`` record of this model (kind ``retrieval``)."""
+        from ..pretrained import adapter_config
+
+        return adapter_config(self.video_model, kind="retrieval", extra={"train_text": self.train_text})
+
+    def save_pretrained(self, directory: str) -> str:
+        """``adapter_config.json`` and ``adapter_model.safetensors`` with :meth:`trained_state_dict`;
+        rebuild with :func:`vpeft.from_pretrained`."""
+        from ..pretrained import save_pretrained
+
+        return save_pretrained(directory, self.pretrained_config(), self.trained_state_dict())
 
     def train(self, mode: bool = True):
         super().train(mode)

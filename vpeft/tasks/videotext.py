@@ -32,10 +32,9 @@ import torch.nn.functional as F
 from ..model import VideoModel
 
 PROMPT_TEMPLATE = "a video of {}"
-SHOTS = (2, 4, 8, 16)
 
-__all__ = ["PROMPT_TEMPLATE", "SHOTS", "tokenize", "text_context_length", "VideoTextClassifier", "encode_videos",
-           "subset_accuracy", "read_class_split", "zero_shot", "few_shot_indices", "BaseNovelSplit",
+__all__ = ["PROMPT_TEMPLATE", "tokenize", "text_context_length", "VideoTextClassifier", "encode_videos",
+           "subset_accuracy", "video_text_loss", "read_class_split", "zero_shot", "few_shot_indices", "BaseNovelSplit",
            "base_novel_split", "harmonic_mean", "base_to_novel_eval"]
 
 
@@ -81,9 +80,9 @@ class VideoTextClassifier(nn.Module):
             raise ValueError("video_model must be a vpeft.VideoModel (from vpeft.adapt)")
         if video_model.num_classes is not None:
             raise ValueError("build the VideoModel with num_classes=None: classes are text prompts here")
-        if video_model.method == "side4video":
-            raise ValueError("side4video's pooled feature is not in the joint video-text space; use the retrieval "
-                             "task (vpeft.tasks.retrieval) for side4video with text")
+        if not video_model.spec.joint_space:
+            raise ValueError(f"{video_model.method}'s pooled feature is not in the joint video-text space; use the "
+                             "retrieval task (vpeft.tasks.retrieval) for a side network with text")
         if video_model.text_tower is None or not hasattr(video_model.backbone, "encode_text"):
             raise ValueError("video-text recognition needs a backbone with a text tower")
         if "{}" not in template:
@@ -114,6 +113,30 @@ class VideoTextClassifier(nn.Module):
 
     def forward(self, video: torch.Tensor, classes: Optional[Sequence[int]] = None) -> torch.Tensor:
         return self.logits(self.video_embeddings(video), self.class_embeddings(classes))
+
+
+def video_text_loss(clf: VideoTextClassifier, video: torch.Tensor, label: torch.Tensor, classes: Sequence[int],
+                    consistency: Optional[nn.Module] = None, label_smoothing: float = 0.0) -> torch.Tensor:
+    """The training loss of prompt-based recognition over ``classes`` (global class indices).
+
+    Cross-entropy of the logits over ``classes`` against each video's position in them
+    (the video-to-text contrastive loss over the class prompts), plus ``consistency(w)``
+    (MSTA's description consistency, built for the same classes) when given. A label
+    outside ``classes`` is an error: for base-to-novel this is the guard that no novel
+    class is trained on.
+    """
+    classes = [int(c) for c in classes]
+    pos = {c: i for i, c in enumerate(classes)}
+    bad = sorted({int(x) for x in label} - set(pos))
+    if bad:
+        raise ValueError(f"training batch has labels {bad} outside the trained classes")
+    w = clf.class_embeddings(classes)
+    logits = clf.logits(clf.video_embeddings(video), w)
+    target = torch.tensor([pos[int(x)] for x in label], device=logits.device)
+    loss = F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
+    if consistency is not None:
+        loss = loss + consistency(w.float())
+    return loss
 
 
 @torch.no_grad()

@@ -76,3 +76,30 @@ def toy_split(per_combo_train: int, num_frames: int = 4, size: int = 32, seed: i
     train = make_toy_videos([c for c in combos for _ in range(per_combo_train)], num_frames, size, seed)
     test = make_toy_videos(combos, num_frames, size, seed + 10_000)
     return train, test
+
+
+def tensor_batches(n: int, batch_size: int, seed: int, epoch: int):
+    """Shuffled index batches of ``range(n)``, reproducible from ``(seed, epoch)``."""
+    g = torch.Generator().manual_seed(int(seed) * 100_003 + int(epoch))
+    perm = torch.randperm(n, generator=g)
+    return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def fit(module, params, batches, loss_fn, *, epochs: int, lr: float, weight_decay: float = 0.0,
+        clip_grad: float = 1.0):
+    """A few AdamW steps on in-memory tensors for the tests (the library's loop is the engine's
+    Trainer, which reads video files): ``loss_fn(batch)`` for each batch of ``batches(epoch)``."""
+    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, betas=(0.9, 0.98),
+                            weight_decay=weight_decay)
+    module.train()
+    losses = []
+    for epoch in range(epochs):
+        for batch in batches(epoch):
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip_grad)
+            opt.step()
+            losses.append(loss.item())
+    module.eval()
+    return losses
