@@ -57,7 +57,7 @@ def test_fused_estimate_runs_every_kernel_through_its_fake():
     for method in ("st_adapter_12x384", "msta", "side4video_light"):
         eager = memory.estimate_step(method, "tiny-vit", FRAMES, BATCH, count_flops=False)
         fused = memory.estimate_step(method, "tiny-vit", FRAMES, BATCH, backend="fused", count_flops=False)
-        assert fused.peak_allocated_bytes != eager.peak_allocated_bytes
+        assert fused.saved_bytes < eager.saved_bytes  # the fused kernels keep less for backward
         assert any("fused backend" in e for e in fused.emulated)
 
 

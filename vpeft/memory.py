@@ -34,6 +34,7 @@ them). What the accounting cannot see is in :data:`NOT_SEEN` and in every report
 from __future__ import annotations
 
 import contextlib
+import gc
 import re
 import time
 import weakref
@@ -101,14 +102,56 @@ def _returns_alias(func) -> bool:
 
 
 def _pattern(fqn: str) -> str:
-    """``VideoModel.backbone.transformer.resblocks.3.mlp`` -> ``backbone.transformer.resblocks.*.mlp``."""
-    fqn = fqn.split(".", 1)[1] if "." in fqn else fqn
-    return re.sub(r"\.\d+(?=\.|$)", ".*", fqn)
+    """``backbone.transformer.resblocks.3.mlp`` -> ``backbone.transformer.resblocks.*.mlp``."""
+    return re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", fqn)
 
 
-def _current_module(parents) -> str:
-    names = [p for p in parents if p != "Global"]
-    return max(names, key=lambda n: n.count(".")) if names else "(top level)"
+class ModuleStack:
+    """Which module of ``root`` runs now, in forward and in backward, without keeping any tensor.
+
+    Forward: global module pre/post hooks keep a stack of qualified names. Backward: every
+    module's output node is tagged with the module's name (``node.metadata``), and the
+    module of the node running now is the last tagged node met. (PyTorch's
+    ``ModuleTracker`` registers gradient hooks that keep tensors recomputed under
+    activation checkpointing alive, which changes the memory being measured.)
+    """
+
+    def __init__(self, root: nn.Module):
+        self.names = {id(m): (n or "(model)") for n, m in root.named_modules()}
+        self.stack: List[str] = []
+        self.backward_label = "(top level)"
+        self._handles = []
+
+    def __enter__(self):
+        from torch.nn.modules import module as _module
+
+        self._handles = [_module.register_module_forward_pre_hook(self._pre),
+                         _module.register_module_forward_hook(self._post)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _pre(self, mod, args):
+        self.stack.append(self.names.get(id(mod), type(mod).__name__))
+
+    def _post(self, mod, args, out):
+        name = self.stack.pop() if self.stack else self.names.get(id(mod), type(mod).__name__)
+        for t in tree_leaves(out):
+            fn = getattr(t, "grad_fn", None) if isinstance(t, torch.Tensor) else None
+            if fn is not None and "vpeft_module" not in fn.metadata:
+                fn.metadata["vpeft_module"] = name
+
+    def current(self) -> str:
+        if self.stack:
+            return self.stack[-1]
+        node = torch._C._current_autograd_node()
+        if node is not None:
+            self.backward_label = node.metadata.get("vpeft_module", self.backward_label)
+            return self.backward_label
+        return "(top level)"
 
 
 @dataclass
@@ -207,7 +250,7 @@ class AllocationTracker(TorchDispatchMode):
         node = torch._C._current_autograd_node()
         if node is not None:
             op = f"{op} ({node.name()})"
-        module = _current_module(self.modules.parents) if self.modules is not None else ""
+        module = self.modules.current() if self.modules is not None else ""
         for i, t in enumerate(tensors):
             nbytes = None
             if (self.sdpa_lse_padding and i == 1 and func is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -263,7 +306,7 @@ class SavedTensorCounter:
             alloc = self.tracker.live.get(k)
             if alloc is None or k in self.exclude():  # a weight, or nothing a tracked op allocated
                 return t
-            module = _current_module(self.tracker.modules.parents) if self.tracker.modules is not None else ""
+            module = self.tracker.modules.current() if self.tracker.modules is not None else ""
             op = alloc.op.split(" ")[0].replace("aten.", "").split(".")[0]
             self.kinds[k] = (f"{_pattern(module)} [{op}]", alloc.nbytes)
             self.refs[k] = 0
@@ -314,6 +357,21 @@ class _CudaFunctions(TorchFunctionMode):
 
 
 @contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection during a tracked step: when it would run depends on
+    Python object counts (different for fake and real tensors), so tensors held only by
+    reference cycles are freed between the steps (``gc.collect()``), never at a random
+    moment; the reported step counts them until it ends (the worst case)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+@contextlib.contextmanager
 def _mha_fastpath(enabled: bool) -> Iterator[None]:
     old = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(enabled)
@@ -350,6 +408,28 @@ def fakeify(module: nn.Module, fake_mode, device: str = "cpu") -> nn.Module:
     return module
 
 
+class _NoModuleTracking:
+    """Stands in for the ``ModuleTracker`` of ``FlopCounterMode``: all FLOPs count at top level,
+    and no gradient hooks are registered (they would keep recomputed tensors alive)."""
+
+    parents = {"Global"}
+    is_bw = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def _flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _NoModuleTracking()
+    return counter
+
+
 @dataclass
 class MemoryReport:
     """One estimated (or CPU-tracked) training step. Bytes are exact counts, rounded per
@@ -377,6 +457,8 @@ class MemoryReport:
     emulated: List[str] = field(default_factory=list)
     not_seen: List[str] = field(default_factory=lambda: list(NOT_SEEN))
     op_backends: Dict[str, str] = field(default_factory=dict)
+    cyclic_garbage_bytes: int = 0
+    """Bytes still live after the step that only reference cycles held (freed by ``gc.collect()``)."""
     seconds: float = 0.0
     kind: str = "estimated by exact tensor accounting on the CPU; allocator overhead not included"
 
@@ -402,6 +484,9 @@ class MemoryReport:
         rest = sorted(self.saved_by_kind.items(), key=lambda kv: -kv[1])[top:]
         if rest:
             lines.append(f"    {g(sum(b for _, b in rest))}  ({len(rest)} more kinds)")
+        if self.cyclic_garbage_bytes:
+            lines.append(f"  {g(self.cyclic_garbage_bytes)} held after the step only by reference cycles "
+                         "(freed when Python's cyclic garbage collector runs)")
         if self.flops is not None:
             lines.append(f"  FLOPs of one step {self.flops / 1e9:,.1f} GFLOP (torch.utils.flop_counter; "
                          "fused custom ops have no formula and count 0)")
@@ -478,8 +563,6 @@ class StepEstimator:
         it for every preset); the planner's probes use it.
         FLOPs are counted on the reported step.
         """
-        from torch.utils.flop_counter import FlopCounterMode
-        from torch.utils.module_tracker import ModuleTracker
         from vpeft_kernels import _backend as _kernel_backend
 
         from . import profiling
@@ -491,7 +574,7 @@ class StepEstimator:
             raise ValueError(f"warmup must be 'step' or 'optimizer', got {warmup!r}")
         start = time.perf_counter()
         vm = self.vm
-        modules = ModuleTracker()
+        modules = ModuleStack(vm)
         tracker = AllocationTracker(modules, sdpa_lse_padding=self.emulate_cuda)
         weights = list(vm.parameters()) + list(vm.buffers())
         weight_keys = {_key(t) for t in weights}
@@ -519,7 +602,9 @@ class StepEstimator:
 
         tracker.classify = classify
         flops = None
+        gc.collect()
         with contextlib.ExitStack() as stack:
+            stack.enter_context(_gc_paused())
             if self.fake:
                 stack.enter_context(self.fake_mode)
             stack.enter_context(_mha_fastpath(False))
@@ -552,10 +637,11 @@ class StepEstimator:
                         if isinstance(st.get("step"), torch.Tensor):
                             tracker.forget(st["step"])
                 tracker.phase = "between steps"
+                gc.collect()  # the warm-up's cyclic garbage goes before the reported step
                 tracker.reset_peak()
                 counter.reset()
                 if count_flops:
-                    fc = FlopCounterMode(display=False)
+                    fc = _flop_counter()
                     with fc:
                         step()
                     flops = int(fc.get_total_flops())
@@ -563,6 +649,9 @@ class StepEstimator:
                     step()
                 tracker.finish()
                 counter.finish()
+                live = tracker.current
+                gc.collect()
+                state["cyclic"] = live - tracker.current
             finally:
                 for h in hooks:
                     h.remove()
@@ -577,7 +666,7 @@ class StepEstimator:
             flops=flops, trainable_params=vm.num_trainable_parameters(),
             total_params=sum(p.numel() for p in vm.parameters()), fake=self.fake,
             emulated=_emulated(self.emulate_cuda, self.backend), op_backends=dict(self.kernels),
-            seconds=time.perf_counter() - start + self.build_seconds)
+            cyclic_garbage_bytes=state.get("cyclic", 0), seconds=time.perf_counter() - start + self.build_seconds)
 
 
 def estimate_step(method: str, backbone: str, frames: int = 8, batch: Optional[int] = None, *,
