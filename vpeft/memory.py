@@ -469,6 +469,15 @@ class MemoryReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def summary(self, kinds: int = 12) -> dict:
+        """A compact record (for benchmark results): the numbers, the ``kinds`` largest saved kinds."""
+        d = self.to_dict()
+        d["saved_by_kind"] = dict(sorted(self.saved_by_kind.items(), key=lambda kv: -kv[1])[:kinds])
+        d.pop("not_seen")
+        d.pop("emulated")
+        d["peak_allocated_gb"] = self.peak_gb
+        return d
+
     def format(self, top: int = 8) -> str:
         """A readable breakdown (what ``vpeft estimate`` prints)."""
         g = lambda b: f"{b / GB:8.3f} GB"  # noqa: E731

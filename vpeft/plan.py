@@ -15,8 +15,8 @@ batch, so a batch that fits means every smaller one fits too (the search relies 
 Without a CUDA device (or with ``--estimate``) every probe is an estimate instead: the
 bytes one training step allocates, counted exactly on fake tensors by :mod:`vpeft.memory`
 (no GPU, no real allocation; allocator overhead not included). The estimate-based
-search starts from a guess (the straight line through the estimates at batch 1 and 2)
-and brackets around it, so it needs few probes. It prints the breakdown at the batch
+search guesses the answer by secant steps on the estimated peaks (from batch 1 and 2)
+and confirms the boundary around it, so it needs few probes. It prints the breakdown at the batch
 found, then which of the method's own options (checkpointing, streaming, the fused
 backend, fewer frames) would fit a larger batch. With a CUDA device the plan measures,
 and prints the estimate beside the measurement with their ratio.
@@ -323,8 +323,8 @@ def plan_estimate(method: str, backbone: str, frames: int, budget_bytes: float, 
                   on_result: Optional[Callable[[dict], None]] = None) -> dict:
     """The largest batch whose estimated peak (:mod:`vpeft.memory`) fits ``budget_bytes``; no GPU needed.
 
-    Probes batch 1 and 2, guesses the answer from the straight line through them, and
-    brackets around the guess (:func:`largest_fitting_batch`). The result carries the
+    Probes batch 1 and 2 and refines a guess by secant steps on the estimated peaks (a
+    few probes), then confirms the boundary with :func:`largest_fitting_batch`. The result carries the
     estimate at the batch found (``estimate``, with ``peak_allocated_bytes``,
     ``saved_bytes``, ``flops`` and ``breakdown`` at top level) and, with
     ``alternatives``, for every memory-saving option of the method not taken yet,
@@ -358,11 +358,25 @@ def plan_estimate(method: str, backbone: str, frames: int, budget_bytes: float, 
         return ok
 
     def guess(probe) -> int:
+        """Secant steps on the estimated peak: through batch 1 and 2, then through the largest
+        batch known to fit and the smallest known not to (or the two largest fits)."""
         if not probe(1) or max_batch == 1:
             return 1
         probe(2)
-        p1, p2 = reports[1].peak_allocated_bytes, reports[2].peak_allocated_bytes
-        return 1 + int((budget_bytes - p1) // max(p2 - p1, 1))
+        for _ in range(4):
+            fit = sorted(b for b, r in reports.items() if r.peak_allocated_bytes <= budget_bytes)
+            fail = sorted(b for b, r in reports.items() if r.peak_allocated_bytes > budget_bytes)
+            lo, hi = fit[-1], (fail[0] if fail else None)
+            if lo >= max_batch or (hi is not None and hi == lo + 1):
+                break
+            b1, b2 = (lo, hi) if hi is not None else (fit[-2], lo)
+            p1, p2 = reports[b1].peak_allocated_bytes, reports[b2].peak_allocated_bytes
+            g = b1 + int((budget_bytes - p1) * (b2 - b1) // max(p2 - p1, 1))
+            g = max(lo + 1, min(g, (hi - 1) if hi is not None else max_batch))
+            if g in reports:
+                break
+            probe(g)
+        return max(b for b, r in reports.items() if r.peak_allocated_bytes <= budget_bytes)
 
     search = largest_fitting_batch(fits, max_batch=max_batch, guess=guess)
     out = dict(method=method, backbone=backbone, frames=frames, dtype=dtype, backend=backend,
