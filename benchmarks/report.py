@@ -267,8 +267,8 @@ def readme_section(root: Path = RESULTS) -> str:
              "The papers' column is METHODS.md section 4 (A100, SSv2, 8 frames; it does not say which "
              "ST-Adapter preset).", ""]
     if not gpus:
-        lines += ["**No GPU results are committed yet**, so there is no measured GPU number here and none is "
-                  f"estimated. Run `{RUN}` on a CUDA machine, commit `benchmarks/results/<gpu>/`, then "
+        lines += ["**No GPU results are committed yet**, so there is no measured GPU number here (the memory "
+                  "table above is estimated, not measured). Run `{RUN}` on a CUDA machine, commit `benchmarks/results/<gpu>/`, then "
                   f"`{REGENERATE}`.", ""]
     for d in gpus:
         data = load(d, root)

@@ -273,13 +273,13 @@ class SavedTensorCounter:
 
     Every saved tensor is wrapped; while any wrapper of a storage is alive the storage
     counts once (``round_block`` bytes) in :attr:`current`. Storages in ``exclude``
-    (weights) are not counted. :attr:`peak` is the largest :attr:`current`, and
+    (weights, the batch) are not counted. :attr:`peak` is the largest :attr:`current`, and
     :attr:`by_kind` the bytes per ``"module pattern [producing op]"`` at that moment.
     """
 
-    def __init__(self, tracker: AllocationTracker, exclude: Callable[[], set]):
+    def __init__(self, tracker: AllocationTracker, exclude: Optional[set] = None):
         self.tracker = tracker
-        self.exclude = exclude
+        self.exclude = set() if exclude is None else exclude
         self.refs: Dict[int, int] = {}
         self.kinds: Dict[int, Tuple[str, int]] = {}
         self.current = 0
@@ -304,7 +304,7 @@ class SavedTensorCounter:
         k = _key(t)
         if k not in self.refs:
             alloc = self.tracker.live.get(k)
-            if alloc is None or k in self.exclude():  # a weight, or nothing a tracked op allocated
+            if alloc is None or k in self.exclude:  # a weight or input, or nothing a tracked op allocated
                 return t
             module = self.tracker.modules.current() if self.tracker.modules is not None else ""
             op = alloc.op.split(" ")[0].replace("aten.", "").split(".")[0]
@@ -590,7 +590,7 @@ class StepEstimator:
         for t in weights:
             tracker.adopt(t)
         input_keys: set = set()
-        counter = SavedTensorCounter(tracker, lambda: weight_keys | input_keys)
+        counter = SavedTensorCounter(tracker, weight_keys)
         state = {}
 
         def classify() -> Dict[int, str]:
@@ -627,6 +627,7 @@ class StepEstimator:
                                           self.spec.num_classes)
             state["step"] = step
             input_keys.update(_key(t) for t in (step.video, step.labels, step.text) if t is not None)
+            counter.exclude = weight_keys | input_keys
             if self.emulate_cuda:
                 for group in step.optimizer.param_groups:
                     group["foreach"] = True
