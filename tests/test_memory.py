@@ -29,10 +29,16 @@ def _compare(method, backbone, backend="eager", kernels=None):
     # the planner's cheap warm-up leaves the same state as a full first step
     again = fake.run(BATCH, warmup="optimizer", count_flops=False)
     assert _bytes(again) == _bytes(r_fake)
+    fresh = memory.StepEstimator(method, backbone, fake=True, **kw)  # learns which parameters get gradients
+    assert _bytes(fresh.run(BATCH, warmup="optimizer", count_flops=False)) == _bytes(r_fake)
     return r_fake
 
 
-@pytest.mark.parametrize("method", profiling.METHOD_PRESETS)
+SLOW = ("full_finetune", "msta", "side4video", "st_adapter_24x384")  # the larger tiny steps
+
+
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m in SLOW else m
+                                    for m in profiling.METHOD_PRESETS])
 def test_fake_equals_real_eager(method):
     r = _compare(method, "tiny-vit")
     assert r.categories["weights"] > 0 and r.flops > 0
@@ -40,11 +46,13 @@ def test_fake_equals_real_eager(method):
         assert r.saved_bytes > 0
 
 
+@pytest.mark.slow
 def test_fake_equals_real_post_norm_streaming_checkpointed():
     """tiny-eva: ViT-E's side4video settings (post-norm, stream, checkpointing)."""
     _compare("side4video_light", "tiny-eva")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["tiny-vit", "tiny-eva"])
 def test_fake_equals_real_fused_ladder(backbone):
     """The compiled ladder extension has CPU kernels: its fake implementation is checked against them.
@@ -53,6 +61,7 @@ def test_fake_equals_real_fused_ladder(backbone):
     assert r.op_backends["ladder_projection"] == "extension"
 
 
+@pytest.mark.slow
 def test_fused_estimate_runs_every_kernel_through_its_fake():
     for method in ("st_adapter_12x384", "msta", "side4video_light"):
         eager = memory.estimate_step(method, "tiny-vit", FRAMES, BATCH, count_flops=False)

@@ -307,7 +307,8 @@ class SavedTensorCounter:
             if alloc is None or k in self.exclude:  # a weight or input, or nothing a tracked op allocated
                 return t
             module = self.tracker.modules.current() if self.tracker.modules is not None else ""
-            op = alloc.op.split(" ")[0].replace("aten.", "").split(".")[0]
+            parts = alloc.op.split(" ")[0].split(".")  # "aten.addmm.default" -> "addmm"
+            op = parts[1] if len(parts) > 1 else parts[0]
             self.kinds[k] = (f"{_pattern(module)} [{op}]", alloc.nbytes)
             self.refs[k] = 0
             self.current += alloc.nbytes
@@ -559,17 +560,18 @@ class StepEstimator:
             fakeify(self.vm, self.fake_mode)
         self.build_seconds = time.perf_counter() - start
         self.stepped: Optional[List[int]] = None
-        """Positions (in the trainable parameters) of those a full step updated; known after a
-        ``warmup="step"`` run, or copied from an estimator of the same method and backbone."""
+        """Positions (in the trainable parameters) of those that get a gradient; known after a
+        run, or copied from an estimator of the same method and backbone."""
 
     def run(self, batch: Optional[int] = None, *, warmup: str = "step", count_flops: bool = True) -> MemoryReport:
         """Track two training steps at ``batch`` (default: the papers' batch) and report the second.
 
         ``warmup="step"``: the first step is a full training step, as the benchmark runs it.
-        ``warmup="optimizer"``: once one full step has run on this estimator, later runs only
-        create what a first step leaves behind (AdamW's state for the parameters that step
-        updated, from zero gradients): cheaper, same bytes (``tests/test_memory.py`` checks
-        it for every preset); the planner's probes use it.
+        ``warmup="optimizer"``: the first step only creates what a full first step leaves
+        behind, AdamW's state for the parameters that get a gradient (from zero gradients;
+        which parameters is learnt from the reported step, which is run again in the rare
+        case that some got none): cheaper, same bytes (``tests/test_memory.py`` checks it
+        for every preset); the planner's probes use it.
         FLOPs are counted on the reported step.
         """
         from vpeft_kernels import _backend as _kernel_backend
@@ -634,11 +636,11 @@ class StepEstimator:
             hooks = [step.optimizer.register_step_pre_hook(lambda *a: setattr(tracker, "phase", "optimizer")),
                      step.optimizer.register_step_post_hook(lambda *a: setattr(tracker, "phase", "zero_grad"))]
             try:
-                if warmup == "step" or self.stepped is None:
+                assumed = self.stepped is None
+                if warmup == "step":
                     step()
-                    self.stepped = [i for i, p in enumerate(step.params) if p in step.optimizer.state]
-                else:
-                    for i in self.stepped:
+                else:  # every parameter gets a gradient unless a step has shown otherwise
+                    for i in (range(len(step.params)) if assumed else self.stepped):
                         step.params[i].grad = torch.zeros_like(step.params[i])
                     step.optimizer.step()
                     step.optimizer.zero_grad(set_to_none=True)
@@ -650,6 +652,9 @@ class StepEstimator:
                 gc.collect()  # the warm-up's cyclic garbage goes before the reported step
                 tracker.reset_peak()
                 counter.reset()
+                got_grad = set()
+                hooks += [p.register_post_accumulate_grad_hook(lambda p, i=i: got_grad.add(i))
+                          for i, p in enumerate(step.params)]
                 if count_flops:
                     fc = _flop_counter()
                     with fc:
@@ -666,6 +671,11 @@ class StepEstimator:
                 for h in hooks:
                     h.remove()
                 vm.zero_grad(set_to_none=True)
+        stepped = sorted(got_grad)
+        if warmup == "optimizer" and assumed and len(stepped) != len(step.params):
+            self.stepped = stepped  # some parameters get no gradient: warm up again without them
+            return self.run(batch, warmup=warmup, count_flops=count_flops)
+        self.stepped = stepped
         op, module, phase = tracker.peak_where
         return MemoryReport(
             method=self.method, backbone=self.backbone, frames=self.frames, batch=batch, backend=self.backend,
