@@ -19,6 +19,13 @@ with ``e2e.md`` and ``e2e.png`` beside them; see :mod:`benchmarks.report`.
 Without CUDA the GPU-sized cases are skipped (the reason is printed) and tiny random
 backbones run the same code on the CPU: ``tiny-vit`` (every method) and ``tiny-eva``
 (Side4Video light with ViT-E's settings: post-norm, streaming, checkpointing).
+
+Every case also records the estimate of the same step by :mod:`vpeft.memory` (exact
+tensor accounting on fake tensors; allocator overhead not included), with the ratio
+measured / estimated where the GPU measured. ``test_estimated_step`` estimates the
+paper-sized cases (B/16 batch 32, L/14 and E/14 batch 16, 8 frames, eager and fused)
+on any machine; they go to ``benchmarks/results/estimate/memory.json`` (and
+``memory.md``, ``memory.png``).
 """
 from __future__ import annotations
 
@@ -28,7 +35,7 @@ import pytest
 import torch
 
 from benchmarks import common, report
-from vpeft import profiling
+from vpeft import memory, profiling
 
 GPU_BACKBONES = ("ViT-B-16", "ViT-L-14", "EVA02-E-14")
 CPU_BACKBONES = ("tiny-vit", "tiny-eva")
@@ -96,8 +103,57 @@ def test_training_step(benchmark, e2e_records, bench_env, backbone, preset, fram
     benchmark.extra_info.update({k: rec.get(k) for k in (
         "status", "batch", "peak_allocated_gb", "peak_reserved_gb", "clips_per_s", "trainable_params",
         "flops_per_clip", "attention")})
+    est = memory.estimate_step(preset, backbone, frames, rec["batch"], backend=backend, count_flops=False)
+    rec["estimate"] = est.summary()
+    if rec["status"] == "ok" and rec.get("peak_allocated_gb"):
+        rec["measured_over_estimated"] = rec["peak_allocated_gb"] * profiling.GB / est.peak_allocated_bytes
     e2e_records.append(rec)
     if rec["status"] == "ok":
         assert rec["clips_per_s"] > 0 and rec["trainable_params"] > 0
         if cuda:
             assert rec["peak_allocated_gb"] > 0
+
+
+ESTIMATE_FRAMES = 8
+
+
+def _estimate_cases():
+    for bb in GPU_BACKBONES:
+        for preset in profiling.METHOD_PRESETS:
+            for backend in BACKENDS:
+                yield pytest.param(bb, preset, ESTIMATE_FRAMES, backend, id=f"{bb}-{preset}-T{ESTIMATE_FRAMES}-{backend}")
+
+
+@pytest.fixture(scope="module")
+def estimate_records(bench_env):
+    """Collects the paper-sized estimates; writes them to results/estimate/ once all ran."""
+    records = []
+    yield records
+    if not records:
+        return
+    directory = common.results_dir(report.ESTIMATE_DIR)
+    header = {"suite": "vpeft estimated training step (benchmarks/bench_e2e.py::test_estimated_step)",
+              "label": report.ESTIMATE_LABEL, "env": bench_env}
+    data = common.merge_records(directory / report.ESTIMATE_FILE, records,
+                                lambda r: (r["backbone"], r["method"], str(r["frames"]), r["backend"],
+                                           str(r["batch"])), header)
+    report.write_estimates(data, directory)
+    print(f"\nvpeft estimates: {len(records)} case(s) written to {directory}")
+
+
+@pytest.mark.parametrize("backbone,preset,frames,backend", list(_estimate_cases()))
+def test_estimated_step(benchmark, estimate_records, bench_env, backbone, preset, frames, backend):
+    """One paper-sized training step estimated by vpeft.memory on fake tensors (any machine)."""
+    spec = profiling.BACKBONES[backbone]
+    try:
+        profiling.method_options(preset, spec)
+    except ValueError as exc:
+        pytest.skip(str(exc))
+    benchmark.group = f"estimate {backbone} T{frames}"
+    rep = benchmark.pedantic(lambda: memory.estimate_step(preset, backbone, frames, backend=backend),
+                             rounds=1, iterations=1, warmup_rounds=0)
+    rec = rep.summary()
+    rec["env"] = {k: bench_env[k] for k in ("device", "torch", "git_commit", "date_utc", "command")}
+    benchmark.extra_info.update({k: rec.get(k) for k in ("batch", "peak_allocated_gb", "saved_bytes", "flops")})
+    estimate_records.append(rec)
+    assert rep.peak_allocated_bytes >= rep.categories["weights"] > 0

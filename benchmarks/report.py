@@ -6,9 +6,12 @@ Regenerate the README section from the committed results::
     python -m benchmarks.report --readme   # and write it into README.md (between markers)
     python -m benchmarks.report --device cpu --write   # rewrite one device's e2e.md / e2e.png
 
-Only measured numbers are shown. A GPU that has no results file contributes nothing;
-when no GPU results are committed the section says so. CPU results come from tiny
-random backbones and are labelled as not comparable to anything in the papers.
+Measured numbers and estimates are kept apart and labelled. A GPU that has no results
+file contributes nothing; when no GPU results are committed the section says so. CPU
+results come from tiny random backbones and are labelled as not comparable to anything
+in the papers. The memory table comes from ``benchmarks/results/estimate/memory.json``
+(``pytest benchmarks/bench_e2e.py --benchmark-only -k estimated``): paper-sized steps
+estimated by :mod:`vpeft.memory`, with the papers' GB and any GPU measurement beside.
 """
 from __future__ import annotations
 
@@ -23,6 +26,9 @@ RESULTS = ROOT / "results"
 README = ROOT.parent / "README.md"
 FILE = "e2e.json"
 BEGIN, END = "<!-- e2e-results:begin -->", "<!-- e2e-results:end -->"
+MEM_BEGIN, MEM_END = "<!-- memory-estimates:begin -->", "<!-- memory-estimates:end -->"
+ESTIMATE_DIR, ESTIMATE_FILE = "estimate", "memory.json"
+ESTIMATE_LABEL = "estimated by exact tensor accounting on the CPU; allocator overhead not included"
 REGENERATE = "python -m benchmarks.report --readme"
 RUN = "pytest benchmarks/ --benchmark-only"
 
@@ -174,6 +180,12 @@ def plot(data: dict, path: Path) -> Path:
     if is_cpu(data):
         title = "CPU, tiny random backbones, NOT comparable to GPU/papers - " + title
     fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
@@ -255,8 +267,8 @@ def readme_section(root: Path = RESULTS) -> str:
              "The papers' column is METHODS.md section 4 (A100, SSv2, 8 frames; it does not say which "
              "ST-Adapter preset).", ""]
     if not gpus:
-        lines += ["**No GPU results are committed yet**, so there is no measured GPU number here and none is "
-                  f"estimated. Run `{RUN}` on a CUDA machine, commit `benchmarks/results/<gpu>/`, then "
+        lines += ["**No GPU results are committed yet**, so there is no measured GPU number here (the memory "
+                  "table above is estimated, not measured). Run `{RUN}` on a CUDA machine, commit `benchmarks/results/<gpu>/`, then "
                   f"`{REGENERATE}`.", ""]
     for d in gpus:
         data = load(d, root)
@@ -270,14 +282,142 @@ def readme_section(root: Path = RESULTS) -> str:
     return "\n".join(lines)
 
 
-def update_readme(section: str, readme: Path = README) -> None:
-    text = readme.read_text()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
+def load_estimates(root: Path = RESULTS) -> Optional[dict]:
+    path = Path(root) / ESTIMATE_DIR / ESTIMATE_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _measured(root: Path, backbone: str, method: str, frames: int, backend: str, batch: int) -> List[Tuple[str, float]]:
+    """(GPU name, measured peak GB) of the same case in every committed GPU results file."""
+    out = []
+    for d in devices(root):
+        data = load(d, root)
+        if d == "cpu" or data is None:
+            continue
+        for r in data.get("records", []):
+            if ((r["backbone"], r["method"], r["frames"], r["backend"], r["batch"]) == (backbone, method, frames, backend, batch)
+                    and r["status"] == "ok" and r.get("peak_allocated_gb")):
+                out.append((data.get("env", {}).get("device", d), r["peak_allocated_gb"]))
+    return out
+
+
+def _opts(r: dict) -> str:
+    o = {k: v for k, v in (r.get("options") or {}).items() if k not in ("side_layers", "side_width", "preset")}
+    return ", ".join(f"{k}={v}" for k, v in o.items()) or "-"
+
+
+def _case_keys(recs: List[dict]) -> List[tuple]:
+    return sorted({(r["backbone"], r["method"], r["frames"]) for r in recs},
+                  key=lambda k: _order(dict(backbone=k[0], method=k[1], frames=k[2], backend="")))
+
+
+def estimates_markdown(data: dict, root: Path = RESULTS) -> List[str]:
+    """Method x backbone: estimated peak and saved bytes, eager / fused, with the papers' GB and any GPU measurement."""
+    recs = data.get("records", [])
+    keys = _case_keys(recs)
+    lines = [f"| method | backbone | batch | options | estimated peak GB eager / fused | saved for backward GB "
+             "eager / fused | TFLOP / step | paper (A100) | measured on a GPU (measured / estimated) | "
+             "estimate took |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for bb, method, frames in keys:
+        e, f = _find(recs, bb, method, frames, "eager"), _find(recs, bb, method, frames, "fused")
+        any_r = e or f
+        side = ""
+        if method.startswith("side4video") and any_r.get("options"):
+            side = f" {any_r['options'].get('side_layers')}x{any_r['options'].get('side_width')}"
+        gb = lambda r, k: "-" if r is None else f"{r[k] / 1e9:.2f}"  # noqa: E731
+        flops = next((r.get("flops") for r in (e, f) if r and r.get("flops")), None)
+        paper = PAPER_MEMORY_GB.get((bb, method))
+        meas = []
+        for r in (e, f):
+            if r is not None:
+                for dev, m in _measured(root, bb, method, frames, r["backend"], r["batch"]):
+                    meas.append(f"{r['backend']} {m:.2f} GB on {dev} ({m * 1e9 / r['peak_allocated_bytes']:.2f})")
+        took = " / ".join(f"{r['seconds']:.0f} s" for r in (e, f) if r is not None)
+        lines.append(f"| {METHOD_NAMES.get(method, method)}{side} | {bb} | {any_r['batch']} | {_opts(any_r)} | "
+                     f"{gb(e, 'peak_allocated_bytes')} / {gb(f, 'peak_allocated_bytes')} | "
+                     f"{gb(e, 'saved_bytes')} / {gb(f, 'saved_bytes')} | "
+                     f"{'' if flops is None else f'{flops / 1e12:.1f}'} | {'' if paper is None else f'{paper} GB'} | "
+                     f"{'; '.join(meas) or 'none yet'} | {took} |")
+    return lines
+
+
+def plot_estimates(data: dict, path: Path) -> Path:
+    """Bars of the estimated peak (eager, fused) per case, the papers' GB as a marker, labelled as estimates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = data.get("records", [])
+    keys = _case_keys(recs)
+    fig, ax = plt.subplots(figsize=(10, max(3.0, 0.42 * len(keys) + 1.6)))
+    y = list(range(len(keys)))
+    for off, backend, color in ((-0.2, "eager", "tab:blue"), (0.2, "fused", "tab:orange")):
+        vals = [(_find(recs, bb, m, fr, backend) or {}).get("peak_allocated_bytes", 0) / 1e9 for bb, m, fr in keys]
+        ax.barh([v + off for v in y], vals, height=0.4, color=color, label=f"estimated, {backend}")
+    px = [(i, PAPER_MEMORY_GB.get((bb, m))) for i, (bb, m, _) in enumerate(keys)]
+    px = [(i, v) for i, v in px if v is not None]
+    if px:
+        ax.scatter([v for _, v in px], [i for i, _ in px], marker="D", color="black", zorder=3,
+                   label="paper, measured on an A100")
+    ax.set_yticks(y)
+    ax.set_yticklabels([f"{bb} {METHOD_NAMES.get(m, m)} T{fr} (batch {(_find(recs, bb, m, fr, 'eager') or _find(recs, bb, m, fr, 'fused'))['batch']})"
+                        for bb, m, fr in keys], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("peak allocated memory of one training step (GB = 10^9 bytes)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("Training-step memory, " + ESTIMATE_LABEL, fontsize=9)
+    return _save(fig, path)
+
+
+def write_estimates(data: dict, directory: Path) -> Tuple[Path, Path]:
+    directory = Path(directory)
+    md = directory / "memory.md"
+    env = data.get("env", {})
+    md.write_text("\n".join([f"# Training-step memory, {ESTIMATE_LABEL}", "",
+                             f"- command: `{env.get('command')}`", f"- torch: `{env.get('torch')}`",
+                             f"- git commit: `{env.get('git_commit')}`", f"- date (UTC): `{env.get('date_utc')}`",
+                             f"- machine: `{env.get('device')}`", ""] + estimates_markdown(data)) + "\n")
+    return md, plot_estimates(data, directory / "memory.png")
+
+
+def memory_section(root: Path = RESULTS) -> str:
+    data = load_estimates(root)
+    lines = [MEM_BEGIN, "", "### Training-step memory at the papers' sizes (estimated)", ""]
+    if data is None:
+        lines += [f"No estimates are committed yet: run `pytest benchmarks/bench_e2e.py --benchmark-only -k estimated`, "
+                  f"then `{REGENERATE}`.", "", MEM_END]
+        return "\n".join(lines)
+    lines += [f"**{ESTIMATE_LABEL[0].upper() + ESTIMATE_LABEL[1:]}.** Generated by `{REGENERATE}` from "
+              f"`benchmarks/results/{ESTIMATE_DIR}/{ESTIMATE_FILE}`, which "
+              "`pytest benchmarks/bench_e2e.py --benchmark-only -k estimated` writes (`vpeft estimate` gives one "
+              "case's full breakdown). Peak allocated bytes of one full training step (forward, backward, AdamW "
+              "step, `zero_grad(set_to_none=True)`; the second of two steps, so AdamW state is live) in bf16 at 8 "
+              "frames, 224 px, batch 32 (B/16) or 16 (L/14, E/14), counted exactly by `vpeft.memory` on fake "
+              "tensors: every storage an aten op returns, rounded to the CUDA allocator's 512-byte blocks. "
+              "Emulated CUDA choices: flash / memory-efficient SDPA, fused dropout, AdamW foreach; 'fused' runs the "
+              "Triton kernels and the compiled ladder through their fake implementations (their internal "
+              "temporaries are not counted). Not seen: allocator caching and fragmentation (reserved > "
+              "allocated), cuBLAS/cuDNN/flash workspaces, the CUDA context (~0.5 GB). The papers' column is "
+              "METHODS.md section 4 (A100, SSv2; it does not say which ST-Adapter preset). GB = 10^9 bytes.", "",
+              f"![estimated training-step memory](benchmarks/results/{ESTIMATE_DIR}/memory.png)", ""]
+    lines += estimates_markdown(data, root) + ["", MEM_END]
+    return "\n".join(lines)
+
+
+def _replace_section(text: str, begin: str, end: str, section: str) -> str:
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        return head + section + tail
+    return text.rstrip("\n") + "\n\n" + section + "\n"
+
+
+def update_readme(section: str, readme: Path = README, memory: Optional[str] = None) -> None:
+    text = _replace_section(readme.read_text(), BEGIN, END, section)
+    if memory is not None:
+        text = _replace_section(text, MEM_BEGIN, MEM_END, memory)
     readme.write_text(text)
 
 
@@ -301,9 +441,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(device_markdown(data))
         return 0
     section = readme_section(root)
-    print(section)
+    mem = memory_section(root)
+    print(mem + "\n\n" + section)
     if args.readme:
-        update_readme(section)
+        data = load_estimates(root)
+        if data is not None:
+            write_estimates(data, root / ESTIMATE_DIR)
+        update_readme(section, memory=mem)
         print(f"\nwrote the section into {README}", file=sys.stderr)
     return 0
 

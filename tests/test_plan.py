@@ -59,13 +59,59 @@ def test_parse_budget():
             plan.parse_budget(bad)
 
 
-def test_plan_without_cuda_gives_a_clear_error(capsys, monkeypatch):
+def test_plan_without_cuda_estimates(capsys, monkeypatch):
+    """No CUDA device: every probe is a vpeft.memory estimate, and the answer is the boundary."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    rc = plan.main(["--method", "side4video_light", "--backbone", "EVA02-E-14", "--frames", "8",
-                    "--budget", "40GB"])
-    err = capsys.readouterr().err
-    assert rc == 2
-    assert "needs a CUDA device" in err and "torch.cuda.is_available() is False" in err
+    rc = plan.main(["--method", "linear_probe", "--backbone", "tiny-vit", "--frames", "2", "--budget", "6MB",
+                    "--backend", "eager", "--no-alternatives", "--json"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    import json
+
+    res = json.loads(out.out)
+    peaks = {int(b): p for b, p in res["probe_peaks_gb"].items()}
+    assert res["batch"] >= 1 and peaks[res["batch"]] * 1e9 <= 6e6 < peaks[res["first_failure"]] * 1e9
+    assert res["first_failure"] == res["batch"] + 1
+    assert res["peak_allocated_bytes"] <= 6e6 and set(res["breakdown"]) >= {"weights", "saved", "transients"}
+    assert "batch 1: estimated peak" in out.err  # progress while it searches
+    rc = plan.main(["--method", "linear_probe", "--backbone", "tiny-vit", "--budget", "forty"])
+    assert rc == 2 and "cannot read the budget" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("limit", [1, 7, 40, 41, 300])
+@pytest.mark.parametrize("guessed", [1, 3, 40, 41, 1000])
+def test_search_from_a_guess(limit, guessed):
+    calls = []
+
+    def fits(b):
+        calls.append(b)
+        return b <= limit
+
+    res = plan.largest_fitting_batch(fits, max_batch=4096, guess=lambda probe: guessed)
+    assert res.best == limit and res.first_failure == limit + 1
+    assert len(calls) == len(set(calls))
+    if guessed == limit:
+        assert len(calls) == 2
+
+
+def test_parse_options():
+    assert plan.parse_options(["checkpointing=true", "side_width=320", "pos_std=0.02", "norm=post"]) == dict(
+        checkpointing=True, side_width=320, pos_std=0.02, norm="post")
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        plan.parse_options(["checkpointing"])
+
+
+def test_estimate_cli_json(capsys):
+    from vpeft import cli
+
+    rc = cli.main(["estimate", "--method", "st_adapter_12x384", "--backbone", "tiny-vit", "--frames", "2",
+                   "--batch", "2", "--no-flops", "--json"])
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert out["batch"] == 2 and out["peak_allocated_bytes"] > out["saved_bytes"] > 0
+    assert "flops" in out and set(out["breakdown"]) == set(out["categories"])
 
 
 def test_add_plan_parser_for_the_cli():
@@ -101,9 +147,11 @@ def test_real_oracle_recovers_from_out_of_memory_on_cpu(monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error; this machine has CUDA")
-def test_vpeft_plan_subcommand_without_cuda_says_why(capsys):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_vpeft_plan_measure_without_cuda_says_why(capsys):
     from vpeft.cli import main
 
-    rc = main(["plan", "--method", "st_adapter_12x384", "--backbone", "ViT-B-16", "--frames", "8", "--budget", "40GB"])
+    rc = main(["plan", "--method", "st_adapter_12x384", "--backbone", "ViT-B-16", "--frames", "8", "--budget", "40GB",
+               "--measure"])
     assert rc == 2
     assert "needs a CUDA device" in capsys.readouterr().err

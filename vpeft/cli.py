@@ -264,11 +264,13 @@ def build_parser(full: bool = True) -> argparse.ArgumentParser:
     # ---- end selftest
 
     if full:
-        from .plan import add_plan_parser
+        from .plan import add_estimate_parser, add_plan_parser
 
         add_plan_parser(sub)
+        add_estimate_parser(sub)
     else:
         sub.add_parser("plan", help="largest batch that fits a GPU memory budget (see vpeft plan --help)")
+        sub.add_parser("estimate", help="estimated GPU memory of one training step (see vpeft estimate --help)")
 
     from .data.annotations import add_prepare_data_parser   # vpeft prepare-data (dataset annotation files)
 
@@ -281,7 +283,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _command(argv)
     rest, overrides = split_overrides(argv) if command in _WITH_OVERRIDES else (argv, [])
-    parser = build_parser(full=command == "plan")
+    parser = build_parser(full=command in ("plan", "estimate"))
     args = parser.parse_args(rest)
     if command in _WITH_OVERRIDES:
         args.overrides = list(args.overrides) + overrides

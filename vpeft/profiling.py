@@ -203,10 +203,12 @@ class TrainingStep:
         self.times.append(time.perf_counter() - start)
 
 
-def build_case(preset: str, backbone: str, frames: int, device, dtype) -> VideoModel:
-    """Build the backbone on ``device`` in ``dtype`` and adapt it with ``preset``."""
+def build_case(preset: str, backbone: str, frames: int, device, dtype, options: Optional[dict] = None) -> VideoModel:
+    """Build the backbone on ``device`` in ``dtype`` and adapt it with ``preset``
+    (``options``: adapt options over the preset's own)."""
     spec = BACKBONES[backbone]
-    method, options = method_options(preset, spec)
+    method, preset_options = method_options(preset, spec)
+    options = {**preset_options, **(options or {})}
     text = get_method(method).uses_text and spec.has_text
     model = spec.build(device, dtype, with_text=text)
     num_classes = None if text else spec.num_classes
