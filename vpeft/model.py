@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from .backbones.towers import TextTower, VisionTower, text_tower, vision_tower
 from .methods.msta import FusedMSTA, MSTABlock
+from .methods.recompute import checkpointed_blocks
 from .methods.side4video import SideHead, SideNetwork
 from .methods.st_adapter import PRESETS, STAdapter, STAdapterBlock
 
@@ -16,9 +17,11 @@ METHODS = ("linear_probe", "full_finetune", "st_adapter", "msta", "side4video")
 _OPTIONS: Dict[str, Set[str]] = {
     "linear_probe": {"dropout"},
     "full_finetune": {"dropout"},
-    "st_adapter": {"preset", "bottleneck", "dropout"},
-    "msta": {"bottleneck", "layers", "scale", "adapter_dropout", "text", "dropout"},
-    "side4video": {"side_width", "side_layers", "fusion", "norm", "checkpointing", "stream", "pos_std", "dropout"},
+    "st_adapter": {"preset", "bottleneck", "dropout", "checkpointing", "checkpoint_every"},
+    "msta": {"bottleneck", "layers", "scale", "adapter_dropout", "text", "dropout", "checkpointing",
+             "checkpoint_every"},
+    "side4video": {"side_width", "side_layers", "fusion", "norm", "checkpointing", "checkpoint_every", "stream",
+                   "recompute_levels", "tower_chunk", "pos_std", "dropout"},
 }
 
 
@@ -332,12 +335,13 @@ def _build(model, method, num_frames, num_classes, tower, text, factory, dropout
             raise ValueError(f"unknown ST-Adapter preset {preset!r}; expected one of {tuple(PRESETS)}")
         r = int(options.get("bottleneck", 384))
         where = PRESETS[preset]
+        ckpt = checkpointed_blocks(options.get("checkpointing"), options.get("checkpoint_every"), tower.depth)
         for i, blk in enumerate(tower.blocks):
             a_attn = STAdapter(tower.width, r, num_frames, layout=tower.layout).to(**factory) \
                 if "attn" in where else None
             a_mlp = STAdapter(tower.width, r, num_frames, layout=tower.layout).to(**factory) \
                 if "mlp" in where else None
-            tower.blocks[i] = STAdapterBlock(blk, tower.ops, a_attn, a_mlp)
+            tower.blocks[i] = STAdapterBlock(blk, tower.ops, a_attn, a_mlp, checkpoint=i in ckpt)
     elif method == "msta":
         use_text = options.get("text", text is not None)
         if use_text and text is None:
@@ -346,15 +350,17 @@ def _build(model, method, num_frames, num_classes, tower, text, factory, dropout
         default = (max(1, tower.depth - 4), tower.depth)
         first, last = _check_layers(options.get("layers", default), tower.depth, t.blocks.__len__() if t else None)
         r = int(options.get("bottleneck", 128))
+        ckpt = checkpointed_blocks(options.get("checkpointing"), options.get("checkpoint_every"), tower.depth,
+                                   adapted=range(first - 1, last))
         msta = nn.ModuleList()
         for i in range(first - 1, last):
             m = FusedMSTA(tower.width, t.width if t else None, r, num_frames,
                           scale=float(options.get("scale", 0.005)),
                           dropout=float(options.get("adapter_dropout", 0.1)), layout=tower.layout).to(**factory)
             msta.append(m)
-            tower.blocks[i] = MSTABlock(tower.blocks[i], tower.ops, m, "vision")
+            tower.blocks[i] = MSTABlock(tower.blocks[i], tower.ops, m, "vision", checkpoint=i in ckpt)
             if t is not None:
-                t.blocks[i] = MSTABlock(t.blocks[i], t.ops, m, "text")
+                t.blocks[i] = MSTABlock(t.blocks[i], t.ops, m, "text", checkpoint=i in ckpt)
     elif method == "side4video":
         norm = options.get("norm", "post" if tower.post_norm else "pre")
         if norm not in ("pre", "post"):

@@ -103,11 +103,11 @@ def build_model(cfg: Dict[str, Any], num_classes: int, device: torch.device) -> 
     from ..tasks.runner import build_backbone  # ViCLIP names and the text-capable tiny configs, else create_backbone
     backbone = build_backbone(cfg)
     options = dict(m["options"])
-    if cfg["train"]["activation_checkpointing"] and m["method"] == "side4video":
-        options["checkpointing"] = True
+    if cfg["train"]["activation_checkpointing"] and m["method"] in ("side4video", "st_adapter", "msta"):
+        options.setdefault("checkpointing", True)  # the method's own recomputation regions
     vm = adapt(backbone, m["method"], num_frames=m["num_frames"], num_classes=num_classes,
                dropout=float(m["dropout"]), **options)
-    if cfg["train"]["activation_checkpointing"] and m["method"] in ("st_adapter", "msta", "full_finetune"):
+    if cfg["train"]["activation_checkpointing"] and m["method"] == "full_finetune":
         for blk in vm.tower.blocks:
             _checkpoint_block(blk)
     return vm.to(device)

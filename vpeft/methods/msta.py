@@ -10,6 +10,7 @@ import torch.nn as nn
 import vpeft_kernels
 
 from ..backbones.towers import BlockOps
+from .recompute import run_region
 
 
 class FusedMSTA(nn.Module):
@@ -92,15 +93,20 @@ class MSTABlock(nn.Module):
     ``out = block(x) + s * A(first_norm(x))``. The FusedMSTA is owned by the
     enclosing :class:`vpeft.VideoModel` (it is shared by a vision and a text block),
     so it is held here as a plain reference, not a submodule.
+
+    With ``checkpoint=True`` the block and its adapter branch are one recomputation
+    region (:func:`vpeft.methods.recompute.run_region`; the adapter's dropout mask is
+    drawn again from the same RNG state, so it is the same mask).
     """
 
-    def __init__(self, block: nn.Module, ops: BlockOps, msta: FusedMSTA, modality: str):
+    def __init__(self, block: nn.Module, ops: BlockOps, msta: FusedMSTA, modality: str, checkpoint: bool = False):
         super().__init__()
         if modality not in ("vision", "text"):
             raise ValueError(f"modality must be 'vision' or 'text', got {modality!r}")
         self.block = block
         self.ops = ops
         self.modality = modality
+        self.checkpoint = bool(checkpoint)
         object.__setattr__(self, "msta", msta)
 
     def get_weight_dtype(self) -> torch.dtype:
@@ -108,6 +114,11 @@ class MSTABlock(nn.Module):
         return self.block.get_weight_dtype()
 
     def forward(self, x, *args, **kwargs):
+        if self.checkpoint:
+            return run_region(self._body, x, *args, **kwargs)
+        return self._body(x, *args, **kwargs)
+
+    def _body(self, x, *args, **kwargs):
         y = self.block(x, *args, **kwargs)
         u = self.ops.first_norm(self.block, x)
         branch = self.msta.vision(u) if self.modality == "vision" else self.msta.text(u)

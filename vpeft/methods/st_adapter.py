@@ -9,6 +9,7 @@ import torch.nn as nn
 import vpeft_kernels
 
 from ..backbones.towers import BlockOps
+from .recompute import run_region
 
 PRESETS = {"12x384": ("mlp",), "24x384": ("attn", "mlp")}
 """Adapter placements per block for each preset (both use bottleneck 384)."""
@@ -71,18 +72,28 @@ class STAdapterBlock(nn.Module):
 
     ``x = A1(x); x = x + attn(x); x = A2(x); x = x + mlp(x)`` where ``attn``/``mlp``
     are the block's own residual branches and either adapter may be absent.
+
+    With ``checkpoint=True`` the whole block (frozen branches and adapters) is one
+    recomputation region (:func:`vpeft.methods.recompute.run_region`): backward keeps
+    only the block's input and runs the block's forward again when it gets there.
     """
 
     def __init__(self, block: nn.Module, ops: BlockOps, adapter_attn: Optional[STAdapter],
-                 adapter_mlp: Optional[STAdapter]):
+                 adapter_mlp: Optional[STAdapter], checkpoint: bool = False):
         super().__init__()
         self.block = block
         self.ops = ops
         self.adapter_attn = adapter_attn
         self.adapter_mlp = adapter_mlp
+        self.checkpoint = bool(checkpoint)
 
     def forward(self, x, *args, **kwargs):
         kw = self.ops.call_kwargs(args, kwargs)
+        if self.checkpoint:
+            return run_region(self._body, x, kw)
+        return self._body(x, kw)
+
+    def _body(self, x, kw):
         if self.adapter_attn is not None:
             x = self.adapter_attn(x)
         x = x + self.ops.attn(self.block, x, kw)
