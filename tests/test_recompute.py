@@ -5,6 +5,7 @@ option on and off, and the bytes autograd keeps for backward shrink by what the
 option promises. Saved bytes are counted with ``torch.autograd.graph.saved_tensors_hooks``
 over distinct storages, parameters excluded (they are alive anyway).
 """
+import collections
 import copy
 
 import pytest
@@ -33,6 +34,21 @@ def saved_bytes(fn):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return out, sum(storages.values())
+
+
+def saved_shapes(fn, storages=False):
+    """Shapes of the distinct non-parameter storages saved for backward by ``fn()`` (first
+    view seen); with ``storages``, a dict from storage address to that shape."""
+    seen = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            seen.setdefault(t.untyped_storage().data_ptr(), tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return seen if storages else list(seen.values())
 
 
 def _adapted(base, method, seed=0, **options):
@@ -146,3 +162,123 @@ def test_run_region_marks_only_the_recomputation():
     with torch.no_grad():
         run_region(fn, x)
     assert seen[-1] is False and len(seen) == 3
+
+
+# ---------------------------------------------------------------- Side4Video
+
+def _side(base, **options):
+    return _adapted(base, "side4video", side_width=64, **options)
+
+
+def _bn_state(vm):
+    return {k: v.clone() for k, v in vm.state_dict().items()
+            if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+
+
+SIDE_CASES = [
+    (lambda: tiny_clip(layers=4, width=128).visual, 32, dict(side_layers=4)),
+    (lambda: create_tiny_eva(depth=4, image_size=56), 56, dict(side_layers=2)),
+]
+SIDE_IDS = ["clip-prenorm", "eva-postnorm"]
+
+
+@pytest.mark.parametrize("factory,size,options", SIDE_CASES, ids=SIDE_IDS)
+def test_side_block_checkpointing_exact_once_per_step_statistics_one_input_per_block(factory, size, options):
+    base = factory()
+    video, labels = torch.randn(2, T, 3, size, size), torch.tensor([1, 3])
+    plain_vm, ckpt_vm = _side(base, **options), _side(base, checkpointing=True, **options)
+    for _ in range(2):  # two steps: running statistics after each must agree
+        plain, ckpt = _step(plain_vm, video, labels), _step(ckpt_vm, video, labels)
+        assert_same(plain, ckpt)
+        bn_a, bn_b = _bn_state(plain_vm), _bn_state(ckpt_vm)
+        assert bn_a.keys() == bn_b.keys() and any("blocks" in k for k in bn_a)
+        for k in bn_a:
+            assert torch.equal(bn_a[k], bn_b[k]), k
+    assert int(bn_b["side.blocks.0.conv_norm.num_batches_tracked"]) == 2
+    # one region per side block keeps its input s (B*T, N, d) and the [CLS] copy (B*T, d),
+    # not three inputs, and not the ladder output (B*T, 1+N, d) the [CLS] was sliced from
+    bt, n, d = 2 * T, ckpt_vm.tower.num_patches, 64
+    blocks = len(ckpt_vm.side.blocks)
+    ladder_out = []
+    ckpt_vm.side.ladder.register_forward_hook(lambda m, a, o: ladder_out.append(o.untyped_storage().data_ptr()))
+    saved = saved_shapes(lambda: ckpt_vm(video), storages=True)
+    assert ladder_out and ladder_out[0] not in saved
+    # (B*T, 1+N, d) tensors an eager post-norm ladder's LayerNorm keeps (its input) are the ladder's own
+    side = collections.Counter(sh for sh in saved.values() if sh[-1] == d and sh[0] == bt and sh[1] != 1 + n)
+    assert side == {(bt, n, d): blocks, (bt, d): blocks}, side
+    _, kept = saved_bytes(lambda: ckpt_vm(video))
+    _, plain_kept = saved_bytes(lambda: plain_vm(video))
+    assert plain_kept - kept >= blocks * 4 * bt * n * d * 4, (plain_kept, kept)
+
+
+@pytest.mark.parametrize("factory,size,options", SIDE_CASES, ids=SIDE_IDS)
+def test_recompute_levels_is_exact_and_keeps_no_backbone_level(factory, size, options):
+    base = factory()
+    video, labels = torch.randn(2, T, 3, size, size), torch.tensor([1, 3])
+    kept_vm = _side(base, stream=True, recompute_levels=False, checkpointing=True, **options)
+    again_vm = _side(base, recompute_levels=True, checkpointing=True, **options)
+    assert again_vm.side_stream and again_vm.side_recompute_levels and not kept_vm.side_recompute_levels
+    calls = []
+    for blk in again_vm.tower.blocks:
+        blk.register_forward_hook(lambda m, a, o: calls.append(1))
+    kept, again = _step(kept_vm, video, labels), _step(again_vm, video, labels)
+    assert_same(kept, again)
+    assert any(k.startswith("side.ladder") for k in again[1])
+    assert len(calls) == 2 * (again_vm.side.layer_ids[-1] + 1)  # the price: a second frozen forward
+    # the bytes removed: every level input (B*T, 1+N, D) the ladder kept for its weight gradient
+    width, rows = kept_vm.tower.width, 2 * T * (1 + kept_vm.tower.num_patches)
+    levels = len(kept_vm.side.blocks)
+    assert kept[2] - again[2] >= levels * rows * width * 4, (kept[2], again[2])
+    assert not [sh for sh in saved_shapes(lambda: again_vm(video)) if sh[-1] == width]
+
+
+def test_recompute_levels_twice_over_a_retained_graph():
+    base = tiny_clip(layers=4).visual
+    vm = _side(base, recompute_levels=True, side_layers=2)
+    out = vm(torch.randn(2, T, 3, 32, 32)).sum()
+    out.backward(retain_graph=True)
+    first = vm.side.ladder.weight.grad.clone()
+    out.backward()
+    assert torch.equal(vm.side.ladder.weight.grad, 2 * first)
+
+
+def test_stream_keeps_only_the_current_token_stream_while_training():
+    """With stream (and its default recompute_levels), a training forward holds at most the
+    tower's current output when a side block ends; without recompute_levels every level stays."""
+    import weakref
+
+    def alive_counts(**options):
+        vm = _side(tiny_clip(layers=4).visual, side_layers=4, **options)
+        outs, seen = [], []
+        for blk in vm.tower.blocks:
+            blk.register_forward_hook(lambda m, a, o: outs.append(weakref.ref(o)))
+        for blk in vm.side.blocks:
+            blk.register_forward_hook(lambda m, a, o: seen.append(sum(r() is not None for r in outs)))
+        vm(torch.randn(2, T, 3, 32, 32)).sum().backward()
+        return seen
+
+    assert max(alive_counts(stream=True)) <= 1
+    assert alive_counts(stream=True, recompute_levels=False)[-1] == 4
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tower_chunk_is_exact_and_bounds_the_frozen_transients(stream):
+    base = create_tiny_eva(depth=4, image_size=56)
+    video, labels = torch.randn(2, T, 3, 56, 56), torch.tensor([1, 3])
+    whole_vm = _side(base, side_layers=2, stream=stream)
+    chunk_vm = _side(base, side_layers=2, stream=stream, tower_chunk=3)
+    rows = []
+    for blk in chunk_vm.tower.blocks:
+        blk.mlp.fc1.register_forward_hook(lambda m, a, o: rows.append(o.shape[0]))
+    whole, chunked = _step(whole_vm, video, labels), _step(chunk_vm, video, labels)
+    assert_same(whole, chunked)
+    assert whole[2] == chunked[2]  # saves the same; what it bounds is transient
+    assert rows and max(rows) == 3  # the MLP hidden layer of 3 frames at a time, not 2 * T = 8
+
+
+def test_side_memory_option_errors():
+    base = tiny_clip(layers=4).visual
+    with pytest.raises(ValueError, match="tower_chunk must be a positive number of frames"):
+        _side(base, tower_chunk=0)
+    with pytest.raises(ValueError, match="recompute_levels must be True or False"):
+        _side(base, recompute_levels="yes")

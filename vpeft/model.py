@@ -67,7 +67,9 @@ class VideoModel(nn.Module):
         self.msta = msta
         self.side = side
         self.head = head
-        self.side_stream = False
+        self.side_stream = False            # side4video options (set by adapt)
+        self.side_recompute_levels = False
+        self.tower_chunk: Optional[int] = None
         self.train(False)
 
     # ------------------------------------------------------------------ modes
@@ -140,8 +142,9 @@ class VideoModel(nn.Module):
         Each step runs under ``no_grad``; the yield itself is outside it, so the
         consumer's side blocks build their autograd graph normally. Between two yields
         only the current token stream of the tower is alive here: the previous level
-        is released as soon as the consumer has projected it (autograd keeps what the
-        ladder's weight gradient needs; nothing else of the tower survives).
+        is released as soon as the consumer has projected it (unless the ladder keeps
+        it for its weight gradient, i.e. without ``recompute_levels``).
+        With ``tower_chunk`` each block runs on that many frames at a time.
         """
         ids = tuple(self.side.layer_ids)
         with torch.no_grad():
@@ -150,18 +153,29 @@ class VideoModel(nn.Module):
         for target in ids:
             with torch.no_grad():
                 while done <= target:
-                    x = self.tower.blocks[done](x, **kw)
+                    x = self._frozen_block(done, x, kw)
                     done += 1
             yield x
 
+    def _frozen_block(self, i: int, x: torch.Tensor, kw) -> torch.Tensor:
+        """Frozen tower block ``i`` under ``no_grad``, in chunks of ``tower_chunk`` frames when set:
+        the block's transients (the MLP's hidden layer, attention) are then those of a chunk."""
+        blk = self.tower.blocks[i]
+        chunk = self.tower_chunk
+        if not chunk or x.shape[0] <= chunk:
+            return blk(x, **kw)
+        out = torch.empty_like(x)
+        for start in range(0, x.shape[0], chunk):
+            out[start:start + chunk] = blk(x[start:start + chunk], **kw)
+        return out
+
     def _side_tokens(self, video: torch.Tensor) -> torch.Tensor:
         frames = video.flatten(0, 1)
-        if self.side_stream:
-            return self.side(video.transpose(1, 2), self._ladder_levels(frames))
-        ids = tuple(self.side.layer_ids)
-        with torch.no_grad():
-            _, feats = self._tokens(frames, stop_after=ids[-1], keep=ids)
-        return self.side(video.transpose(1, 2), feats)
+        levels = self._ladder_levels(frames)
+        if not self.side_stream:
+            levels = list(levels)
+        again = (lambda: self._ladder_levels(frames)) if self.side_recompute_levels else None
+        return self.side(video.transpose(1, 2), levels, recompute_levels=again)
 
     # ------------------------------------------------------------------ API
     def forward(self, video: torch.Tensor) -> torch.Tensor:
@@ -293,10 +307,21 @@ def adapt(model: nn.Module, method: str, *, num_frames: int, num_classes: Option
               both towers, default the last five vision layers), ``scale`` (0.005),
               ``adapter_dropout`` (0.1), ``text`` (adapt the text tower, default True when
               there is one).
+            - ``st_adapter``, ``msta`` and ``side4video``: ``checkpointing`` (``True``: every
+              adapted block, for side4video every side block, is recomputed in backward
+              instead of keeping its activations; or a list of 0-based block indices) or
+              ``checkpoint_every=k`` (every k-th of them). MSTA checkpoints its text blocks too.
             - ``side4video``: ``side_width`` (320), ``side_layers`` (default the backbone
               depth; must divide it), ``fusion`` (``"mean"``/``"sum"``), ``norm``
-              (``"pre"``/``"post"``, default from the backbone), ``checkpointing``,
-              ``pos_std``.
+              (``"pre"``/``"post"``, default from the backbone), ``pos_std``;
+              memory: ``recompute_levels`` (the ladder keeps no backbone level for its
+              weight gradients; a second frozen tower forward in backward provides them;
+              default: the value of ``stream``), ``stream`` (the tower advances only as far
+              as the side network has consumed; with ``recompute_levels`` only the tower's
+              current token stream is alive), ``tower_chunk`` (run each frozen block on this
+              many frames at a time, bounding its transients).
+
+            What each memory option saves and costs: :mod:`vpeft.methods.recompute`.
 
     Returns:
         a :class:`VideoModel` that owns ``model``.
@@ -371,11 +396,30 @@ def _build(model, method, num_frames, num_classes, tower, text, factory, dropout
                            int(options.get("side_layers", tower.depth)), num_frames, tower.patch_size[0],
                            tower.num_patches, post_norm=(norm == "post"), fusion=options.get("fusion", "mean"),
                            pos_std=options.get("pos_std"),
-                           checkpointing=bool(options.get("checkpointing", False))).to(**factory)
+                           checkpointing=checkpointed_blocks(options.get("checkpointing"),
+                                                             options.get("checkpoint_every"),
+                                                             int(options.get("side_layers", tower.depth)))
+                           ).to(**factory)
         head = SideHead(side.pos.shape[1], num_classes, dropout, num_frames).to(**factory)
 
     if head is None and num_classes is not None:
         head = ClassifierHead(tower.width, num_classes, dropout).to(**factory)
     vm = VideoModel(model, method, num_frames, num_classes, tower, text, msta=msta, side=side, head=head)
-    vm.side_stream = bool(options.get("stream", False)) and side is not None
+    if side is not None:
+        _side_memory_options(vm, options)
     return vm
+
+
+def _side_memory_options(vm: VideoModel, options) -> None:
+    """Side4Video's ``stream``, ``recompute_levels`` and ``tower_chunk`` (see :func:`adapt`)."""
+    stream = options.get("stream", False)
+    recompute = options.get("recompute_levels", stream)
+    chunk = options.get("tower_chunk")
+    for name, value in (("stream", stream), ("recompute_levels", recompute)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"tower_chunk must be a positive number of frames (or None), got {chunk!r}")
+    vm.side_recompute_levels = recompute
+    vm.side_stream = stream or recompute  # recomputed levels are consumed as the tower produces them
+    vm.tower_chunk = chunk
