@@ -219,10 +219,12 @@ class TrainingStep:
         self.times.append(time.perf_counter() - start)
 
 
-def build_case(preset: str, backbone: str, frames: int, device, dtype) -> VideoModel:
-    """Build the backbone on ``device`` in ``dtype`` and adapt it with ``preset``."""
+def build_case(preset: str, backbone: str, frames: int, device, dtype, options: Optional[dict] = None) -> VideoModel:
+    """Build the backbone on ``device`` in ``dtype`` and adapt it with ``preset``
+    (``options``: adapt options over the preset's own)."""
     spec = BACKBONES[backbone]
-    method, options = method_options(preset, spec)
+    method, preset_options = method_options(preset, spec)
+    options = {**preset_options, **(options or {})}
     model = spec.build(device, dtype, with_text=(method == "msta" and spec.has_text))
     num_classes = None if (method == "msta" and spec.has_text) else spec.num_classes
     return adapt(model, method, num_frames=frames, num_classes=num_classes, **options)

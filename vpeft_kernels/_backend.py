@@ -21,6 +21,7 @@ reason with :func:`mark_unavailable`, shown by :func:`backend_status`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
@@ -48,6 +49,7 @@ class _Impl:
 _REGISTRY: Dict[str, Dict[str, _Impl]] = {op: {} for op in OPS}
 _UNAVAILABLE: Dict[str, str] = {}
 _NOTES: Dict[str, str] = {}
+_OVERRIDE: Dict[str, str] = {}
 
 
 def register(op: str, backend: str, fn: Callable, reasons: Optional[ReasonFn] = None,
@@ -106,8 +108,27 @@ def not_supported_reasons(op: str, *args, **kwargs) -> Dict[str, List[str]]:
     return {b: _reasons(op, b, args, kwargs) for b in BACKENDS}
 
 
+@contextlib.contextmanager
+def override(choices: Dict[str, str]):
+    """Within the block, :func:`select` returns the ``choices[op]`` implementation of these ops
+    without asking it for reasons (used by :mod:`vpeft.memory`, which estimates a CUDA run's
+    choices on fake CPU tensors). Not for computing: a kernel may not run on these inputs."""
+    for op, b in choices.items():
+        if b not in _REGISTRY[op]:
+            raise BackendUnavailableError(f"backend {b!r} cannot run {op}: " + "; ".join(_reasons(op, b, (), {})))
+    old = dict(_OVERRIDE)
+    _OVERRIDE.update(choices)
+    try:
+        yield
+    finally:
+        _OVERRIDE.clear()
+        _OVERRIDE.update(old)
+
+
 def select(op: str, backend: Optional[str], *args, **kwargs) -> Callable:
     """Return the implementation of ``op`` that runs these inputs."""
+    if op in _OVERRIDE:
+        return _REGISTRY[op][_OVERRIDE[op]].fn
     name = requested_backend(backend)
     if name != "auto":
         why = _reasons(op, name, args, kwargs)

@@ -1,0 +1,549 @@
+"""Exact GPU-memory accounting of one training step, without a GPU.
+
+The bytes a training step allocates are a property of the program, not of the card:
+every tensor an aten op returns is an allocation, and it lives until its storage dies.
+This module counts them.
+
+* :class:`AllocationTracker` is a ``TorchDispatchMode``: every storage an aten op
+  returns (outputs of view and in-place ops excluded: they allocate nothing) is an
+  allocation of ``round_block(nbytes)`` bytes (the CUDA caching allocator's 512-byte
+  blocks), released when a weakref finaliser on the storage fires. It keeps the peak,
+  the op, module and phase (forward, backward, optimizer) at the peak, and a
+  breakdown of the bytes live at the peak by category (:data:`CATEGORIES`).
+* :class:`SavedTensorCounter` is a ``torch.autograd.graph.saved_tensors_hooks`` pair
+  that counts what autograd keeps for backward (distinct storages, weights excluded),
+  grouped by the module that saved it and the op that produced it.
+* :func:`estimate_step` runs one full training step of a benchmark case twice, exactly
+  as :class:`vpeft.profiling.TrainingStep` runs it (same loss, dtype, AdamW,
+  ``zero_grad(set_to_none=True)``), and reports the second (optimizer state live).
+  With ``fake=True`` (default) the model is built on the meta device and every
+  parameter becomes a ``FakeTensorMode`` tensor: shapes only, nothing is computed or
+  allocated for real, so EVA02-E-14 at batch 16 runs on a laptop in well under a
+  minute. With ``fake=False`` the same tracker runs real CPU tensors (the tests check
+  that both give the same bytes).
+
+Fake CUDA tensors do not survive backward without a driver, so the step runs fake CPU
+tensors, and the choices a CUDA run makes differently where they change memory are
+emulated (``emulate_cuda=True``; :data:`EMULATED` says what, and every report lists
+them). What the accounting cannot see is in :data:`NOT_SEEN` and in every report.
+
+    >>> from vpeft import memory
+    >>> r = memory.estimate_step("side4video_light", "ViT-B-16", frames=8, batch=32)  # doctest: +SKIP
+    >>> print(r.format())                                                             # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+import weakref
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+BLOCK = 512
+"""The CUDA caching allocator rounds every request up to a multiple of 512 bytes."""
+GB = 1e9
+
+CATEGORIES = ("weights", "gradients", "optimizer_state", "saved", "inputs", "transients")
+"""Live bytes at the peak are split into: the model's parameters and buffers
+(``weights``), parameter ``.grad`` tensors (``gradients``), AdamW's ``exp_avg`` /
+``exp_avg_sq`` (``optimizer_state``), tensors autograd keeps for backward
+(``saved``), the synthetic batch (``inputs``), and everything else (``transients``:
+activations in flight, incoming gradients in backward, optimizer temporaries)."""
+
+FUSED_BACKENDS = {"st_adapter": "triton", "msta_adapter": "triton", "token_shift_attention": "triton",
+                  "ladder_projection": "extension"}
+"""What ``VPEFT_BACKEND=auto`` takes on a CUDA device for each vpeft op; ``backend="fused"``
+forces these (through their registered fake implementations on fake tensors)."""
+
+EMULATED = (
+    "F.scaled_dot_product_attention: the CPU flash kernel saves what CUDA's flash kernel saves "
+    "(q, k, v, output, fp32 logsumexp); with an attention mask CUDA takes the memory-efficient kernel, "
+    "whose logsumexp is padded to a multiple of 32 rows (counted so)",
+    "dropout in training: the fused CUDA kernel (torch.native_dropout), which keeps a bool mask",
+    "nn.MultiheadAttention fast path off (fake tensors cannot take it; under no_grad a CUDA run may, "
+    "which changes transients only)",
+    "AdamW: the multi-tensor (foreach) implementation, PyTorch's default for CUDA parameters; its step "
+    "counters live on the host (not counted)",
+    "fused backend: st_adapter, msta_adapter, token_shift_attention -> Triton kernels, ladder_projection -> "
+    "compiled extension, through their registered fake implementations (only their outputs are counted)",
+)
+
+NOT_SEEN = (
+    "allocator caching and fragmentation: the reserved memory of a real run exceeds the allocated bytes "
+    "counted here",
+    "cuBLAS / cuDNN / flash-attention workspaces and temporaries inside fused kernels (only the outputs of an "
+    "op are counted)",
+    "the CUDA context (about 0.5 GB per process) and NCCL buffers",
+    "tensors allocated outside aten ops (e.g. by a C++ extension's own allocator)",
+)
+
+
+def round_block(nbytes: int) -> int:
+    """``nbytes`` rounded up to the caching allocator's 512-byte blocks (0 stays 0)."""
+    return 0 if nbytes <= 0 else -(-int(nbytes) // BLOCK) * BLOCK
+
+
+def _key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def _returns_alias(func) -> bool:
+    schema = getattr(func, "_schema", None)
+    return schema is not None and any(r.alias_info is not None for r in schema.returns)
+
+
+def _pattern(fqn: str) -> str:
+    """``VideoModel.backbone.transformer.resblocks.3.mlp`` -> ``backbone.transformer.resblocks.*.mlp``."""
+    fqn = fqn.split(".", 1)[1] if "." in fqn else fqn
+    return re.sub(r"\.\d+(?=\.|$)", ".*", fqn)
+
+
+def _current_module(parents) -> str:
+    names = [p for p in parents if p != "Global"]
+    return max(names, key=lambda n: n.count(".")) if names else "(top level)"
+
+
+@dataclass
+class _Alloc:
+    nbytes: int
+    op: str
+    module: str
+
+
+class AllocationTracker(TorchDispatchMode):
+    """Counts the storages aten ops return as allocations; see the module docstring.
+
+    ``classify()`` (set by the caller) returns ``{storage key: category}`` for the
+    storages that are not transients; it is called only at local maxima of the live
+    bytes, to break down the peak.
+    """
+
+    def __init__(self, module_tracker=None, sdpa_lse_padding: bool = False):
+        super().__init__()
+        self.live: Dict[int, _Alloc] = {}
+        self.current = 0
+        self.peak = 0
+        self.peak_where: Tuple[str, str, str] = ("", "", "")
+        self.peak_breakdown: Dict[str, int] = {}
+        self.phase = "setup"
+        self.modules = module_tracker
+        self.sdpa_lse_padding = sdpa_lse_padding
+        self.classify: Callable[[], Dict[int, str]] = dict
+        self.ops = 0
+        self._pending = False
+
+    # ------------------------------------------------------------ ledger
+    def adopt(self, tensor: torch.Tensor, op: str = "(before the step)") -> None:
+        """Count an already existing tensor's storage (e.g. weights built before tracking)."""
+        self._add(tensor.untyped_storage(), op, "(top level)")
+
+    def forget(self, tensor: torch.Tensor) -> None:
+        """Stop counting a tensor's storage (it would live on the host in a CUDA run)."""
+        a = self.live.pop(_key(tensor), None)
+        if a is not None:
+            self.current -= a.nbytes
+
+    def _add(self, storage, op: str, module: str, nbytes: Optional[int] = None) -> None:
+        k = storage._cdata
+        if k in self.live:
+            return
+        size = round_block(storage.nbytes() if nbytes is None else nbytes)
+        self.live[k] = _Alloc(size, op, module)
+        weakref.finalize(storage, self._free, k)
+        self.current += size
+        if self.current > self.peak:
+            self.peak = self.current
+            self.peak_where = (op, module, self.phase)
+            self._pending = True
+
+    def _free(self, k: int) -> None:
+        a = self.live.get(k)
+        if a is None:
+            return
+        if self._pending:
+            self.snapshot()
+        del self.live[k]
+        self.current -= a.nbytes
+
+    def snapshot(self) -> None:
+        """Record the live bytes by category (called at every local maximum)."""
+        self._pending = False
+        cats = self.classify()
+        out = dict.fromkeys(CATEGORIES, 0)
+        for k, a in self.live.items():
+            out[cats.get(k, "transients")] += a.nbytes
+        self.peak_breakdown = out
+
+    def reset_peak(self) -> None:
+        """Start a new peak from the bytes live now (``torch.cuda.reset_peak_memory_stats``)."""
+        self.peak = self.current
+        self.peak_where = ("(start of the step)", "", self.phase)
+        self.snapshot()
+
+    def finish(self) -> None:
+        if self._pending:
+            self.snapshot()
+
+    # ------------------------------------------------------------ dispatch
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops += 1
+        if _returns_alias(func):
+            return out
+        tensors = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if not tensors:
+            return out
+        if torch._C._current_graph_task_id() != -1 and self.phase == "forward":
+            self.phase = "backward"
+        op = str(func)
+        node = torch._C._current_autograd_node()
+        if node is not None:
+            op = f"{op} ({node.name()})"
+        module = _current_module(self.modules.parents) if self.modules is not None else ""
+        for i, t in enumerate(tensors):
+            nbytes = None
+            if (self.sdpa_lse_padding and i == 1 and func is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+                    and (kwargs or {}).get("attn_mask") is not None):
+                b, h, length = t.shape  # logsumexp of the memory-efficient kernel: rows padded to 32
+                nbytes = b * h * (-(-length // 32) * 32) * t.element_size()
+            self._add(t.untyped_storage(), op, module, nbytes)
+        return out
+
+
+class _Packed:
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+class SavedTensorCounter:
+    """What autograd keeps for backward, counted with ``saved_tensors_hooks``.
+
+    Every saved tensor is wrapped; while any wrapper of a storage is alive the storage
+    counts once (``round_block`` bytes) in :attr:`current`. Storages in ``exclude``
+    (weights) are not counted. :attr:`peak` is the largest :attr:`current`, and
+    :attr:`by_kind` the bytes per ``"module pattern [producing op]"`` at that moment.
+    """
+
+    def __init__(self, tracker: AllocationTracker, exclude: Callable[[], set]):
+        self.tracker = tracker
+        self.exclude = exclude
+        self.refs: Dict[int, int] = {}
+        self.kinds: Dict[int, Tuple[str, int]] = {}
+        self.current = 0
+        self.peak = 0
+        self.by_kind: Dict[str, int] = {}
+        self._pending = False
+
+    def keys(self) -> set:
+        return set(self.refs)
+
+    def reset(self) -> None:
+        self.peak = self.current
+        self.by_kind = self._group()
+
+    def _group(self) -> Dict[str, int]:
+        out: Dict[str, int] = {}
+        for kind, nbytes in self.kinds.values():
+            out[kind] = out.get(kind, 0) + nbytes
+        return out
+
+    def pack(self, t: torch.Tensor):
+        k = _key(t)
+        if k not in self.refs:
+            alloc = self.tracker.live.get(k)
+            if alloc is None or k in self.exclude():  # a weight, or nothing a tracked op allocated
+                return t
+            module = _current_module(self.tracker.modules.parents) if self.tracker.modules is not None else ""
+            op = alloc.op.split(" ")[0].replace("aten.", "").split(".")[0]
+            self.kinds[k] = (f"{_pattern(module)} [{op}]", alloc.nbytes)
+            self.refs[k] = 0
+            self.current += alloc.nbytes
+            if self.current > self.peak:
+                self.peak = self.current
+                self._pending = True
+        self.refs[k] += 1
+        p = _Packed(t)
+        weakref.finalize(p, self._release, k)
+        return p
+
+    @staticmethod
+    def unpack(p):
+        return p.tensor if isinstance(p, _Packed) else p
+
+    def _release(self, k: int) -> None:
+        if self._pending:
+            self.by_kind = self._group()
+            self._pending = False
+        self.refs[k] -= 1
+        if self.refs[k] == 0:
+            del self.refs[k]
+            self.current -= self.kinds.pop(k)[1]
+
+    def finish(self) -> None:
+        if self._pending:
+            self.by_kind = self._group()
+            self._pending = False
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+class _CudaFunctions(TorchFunctionMode):
+    """Dropout as CUDA runs it: the fused kernel that keeps a bool mask."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.dropout:
+            x = args[0]
+            p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+            training = kwargs.get("training", args[2] if len(args) > 2 else True)
+            inplace = kwargs.get("inplace", args[3] if len(args) > 3 else False)
+            if training and 0.0 < p < 1.0 and x.numel() > 0 and not inplace:
+                return torch.native_dropout(x, p, True)[0]
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _mha_fastpath(enabled: bool) -> Iterator[None]:
+    old = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(old)
+
+
+def fakeify(module: nn.Module, fake_mode, device: str = "cpu") -> nn.Module:
+    """Replace every parameter and buffer of ``module`` (e.g. built on ``meta``) by a fake tensor
+    of the same shape, stride and dtype on ``device``, in place; shared tensors stay shared."""
+    memo: Dict[int, torch.Tensor] = {}
+    keep = []  # the originals stay referenced, so their ids are not reused while we convert
+
+    def fake(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in memo:
+            keep.append(t)
+            with fake_mode:
+                new = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+            memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+        return memo[id(t)]
+
+    for mod in module.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None:
+                mod._parameters[name] = fake(p)
+        for name, b in list(mod._buffers.items()):
+            if b is not None:
+                mod._buffers[name] = fake(b)
+        for name, v in list(vars(mod).items()):  # plain tensor attributes (e.g. cached masks)
+            if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter) and v.device.type == "meta":
+                setattr(mod, name, fake(v))
+    return module
+
+
+@dataclass
+class MemoryReport:
+    """One estimated (or CPU-tracked) training step. Bytes are exact counts, rounded per
+    allocation to 512-byte blocks; ``*_gb`` helpers divide by 10^9."""
+
+    method: str
+    backbone: str
+    frames: int
+    batch: int
+    backend: str
+    dtype: str
+    options: dict
+    peak_allocated_bytes: int
+    peak_op: str
+    peak_module: str
+    peak_phase: str
+    categories: Dict[str, int]
+    saved_bytes: int
+    saved_at_peak_bytes: int
+    saved_by_kind: Dict[str, int]
+    flops: Optional[int]
+    trainable_params: int
+    total_params: int
+    fake: bool
+    emulated: List[str] = field(default_factory=list)
+    not_seen: List[str] = field(default_factory=lambda: list(NOT_SEEN))
+    op_backends: Dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    kind: str = "estimated by exact tensor accounting on the CPU; allocator overhead not included"
+
+    @property
+    def peak_gb(self) -> float:
+        return self.peak_allocated_bytes / GB
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def format(self, top: int = 8) -> str:
+        """A readable breakdown (what ``vpeft estimate`` prints)."""
+        g = lambda b: f"{b / GB:8.3f} GB"  # noqa: E731
+        lines = [f"{self.method} on {self.backbone}, {self.frames} frames, batch {self.batch}, {self.dtype}, "
+                 f"backend {self.backend}" + (f", options {self.options}" if self.options else ""),
+                 f"  peak allocated {g(self.peak_allocated_bytes)}  ({self.kind})",
+                 f"  at the peak: {self.peak_op} in {self.peak_module} ({self.peak_phase})"]
+        for c in CATEGORIES:
+            lines.append(f"    {c:<16}{g(self.categories.get(c, 0))}")
+        lines.append(f"  saved for backward {g(self.saved_bytes)} (most at once), by module [producing op]:")
+        for kind, b in sorted(self.saved_by_kind.items(), key=lambda kv: -kv[1])[:top]:
+            lines.append(f"    {g(b)}  {kind}")
+        rest = sorted(self.saved_by_kind.items(), key=lambda kv: -kv[1])[top:]
+        if rest:
+            lines.append(f"    {g(sum(b for _, b in rest))}  ({len(rest)} more kinds)")
+        if self.flops is not None:
+            lines.append(f"  FLOPs of one step {self.flops / 1e9:,.1f} GFLOP (torch.utils.flop_counter; "
+                         "fused custom ops have no formula and count 0)")
+        lines.append(f"  {self.trainable_params:,} trainable of {self.total_params:,} parameters; "
+                     f"{'fake tensors' if self.fake else 'real CPU tensors'}, {self.seconds:.1f} s")
+        if self.emulated:
+            lines.append("  emulated CUDA choices:")
+            lines += [f"    - {e}" for e in self.emulated]
+        lines.append("  not seen by this accounting:")
+        lines += [f"    - {n}" for n in self.not_seen]
+        return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _forced_backends(backend: str) -> Iterator[None]:
+    from vpeft_kernels import _backend
+
+    if backend == "eager":
+        with _backend.override({op: "eager" for op in _backend.OPS}):
+            yield
+    elif backend == "fused":
+        with _backend.override(FUSED_BACKENDS):
+            yield
+    else:
+        raise ValueError(f"backend must be 'eager' or 'fused', got {backend!r}")
+
+
+def estimate_step(method: str, backbone: str, frames: int = 8, batch: Optional[int] = None, *,
+                  backend: str = "eager", dtype: torch.dtype = torch.bfloat16, options: Optional[dict] = None,
+                  fake: bool = True, emulate_cuda: bool = True, count_flops: bool = True) -> MemoryReport:
+    """Track two training steps of a benchmark case and report the second.
+
+    ``method``: a preset of :data:`vpeft.profiling.METHOD_PRESETS`; ``backbone``: a key of
+    :data:`vpeft.profiling.BACKBONES`; ``batch``: default the papers' batch for that
+    backbone; ``options``: adapt options over the preset's (e.g. ``checkpointing=True``);
+    ``backend``: ``eager`` or ``fused`` (:data:`FUSED_BACKENDS`). ``fake=False`` runs real
+    CPU tensors (tiny backbones only). ``emulate_cuda``: see :data:`EMULATED`.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.module_tracker import ModuleTracker
+
+    from . import profiling
+
+    if backbone not in profiling.BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; expected one of {sorted(profiling.BACKBONES)}")
+    if method not in profiling.METHOD_PRESETS:
+        raise ValueError(f"unknown method {method!r}; expected one of {profiling.METHOD_PRESETS}")
+    spec = profiling.BACKBONES[backbone]
+    batch = spec.batch if batch is None else int(batch)
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    start = time.perf_counter()
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+    vm = profiling.build_case(method, backbone, frames, "meta" if fake else "cpu", dtype, options=options)
+    if fake:
+        fakeify(vm, fake_mode)
+    _, preset_options = profiling.method_options(method, spec)
+    preset_options.update(options or {})
+
+    modules = ModuleTracker()
+    tracker = AllocationTracker(modules, sdpa_lse_padding=emulate_cuda)
+    weight_keys = {_key(t) for t in list(vm.parameters()) + list(vm.buffers())}
+    for t in list(vm.parameters()) + list(vm.buffers()):
+        tracker.adopt(t)
+    input_keys: set = set()
+    counter = SavedTensorCounter(tracker, lambda: weight_keys | input_keys)
+    state = {}
+
+    def classify() -> Dict[int, str]:
+        cats = dict.fromkeys(counter.keys(), "saved")
+        cats.update(dict.fromkeys(input_keys, "inputs"))
+        step_ = state.get("step")
+        if step_ is not None:
+            for p in step_.params:
+                if p.grad is not None:
+                    cats[_key(p.grad)] = "gradients"
+            for st in step_.optimizer.state.values():
+                for t in st.values():
+                    if isinstance(t, torch.Tensor):
+                        cats[_key(t)] = "optimizer_state"
+        cats.update(dict.fromkeys(weight_keys, "weights"))
+        state["saved_counter_at_peak"] = counter.current
+        return cats
+
+    tracker.classify = classify
+    stack = contextlib.ExitStack()
+    with stack:
+        if fake:
+            stack.enter_context(fake_mode)
+        stack.enter_context(_mha_fastpath(False))
+        stack.enter_context(_forced_backends(backend))
+        stack.enter_context(modules)
+        stack.enter_context(tracker)
+        if emulate_cuda:
+            stack.enter_context(_CudaFunctions())
+        stack.enter_context(counter.hooks())
+        step = profiling.TrainingStep(vm, batch, frames, spec.image_size, "cpu", dtype, spec.num_classes)
+        state["step"] = step
+        input_keys.update(_key(t) for t in (step.video, step.labels, step.text) if t is not None)
+        if emulate_cuda:
+            for group in step.optimizer.param_groups:
+                group["foreach"] = True
+        phase_hooks = [step.optimizer.register_step_pre_hook(lambda *a: setattr(tracker, "phase", "optimizer")),
+                       vm.register_forward_pre_hook(lambda *a: setattr(tracker, "phase", "forward"))]
+        flops = None
+        if count_flops:
+            fc = FlopCounterMode(display=False)
+            with fc:
+                step()
+            flops = int(fc.get_total_flops())
+        else:
+            step()
+        for st in step.optimizer.state.values():  # AdamW's step counters: host tensors on CUDA
+            if isinstance(st.get("step"), torch.Tensor) and emulate_cuda:
+                tracker.forget(st["step"])
+        tracker.phase = "between steps"
+        tracker.reset_peak()
+        counter.reset()
+        step()
+        tracker.finish()
+        counter.finish()
+        for h in phase_hooks:
+            h.remove()
+    op, module, phase = tracker.peak_where
+    return MemoryReport(
+        method=method, backbone=backbone, frames=frames, batch=batch, backend=backend,
+        dtype=str(dtype).replace("torch.", ""), options=preset_options,
+        peak_allocated_bytes=tracker.peak, peak_op=op, peak_module=_pattern(module) if module else "",
+        peak_phase=phase, categories=dict(tracker.peak_breakdown), saved_bytes=counter.peak,
+        saved_at_peak_bytes=state.get("saved_counter_at_peak", 0), saved_by_kind=dict(counter.by_kind),
+        flops=flops, trainable_params=vm.num_trainable_parameters(), total_params=sum(p.numel() for p in vm.parameters()),
+        fake=fake, emulated=_emulated(emulate_cuda, backend), op_backends=_op_backends(backend),
+        seconds=time.perf_counter() - start)
+
+
+def _emulated(emulate_cuda: bool, backend: str) -> List[str]:
+    out = list(EMULATED[:-1]) if emulate_cuda else []
+    return out + [EMULATED[-1]] if backend == "fused" else out
+
+
+def _op_backends(backend: str) -> Dict[str, str]:
+    from vpeft_kernels import _backend
+
+    return {op: FUSED_BACKENDS[op] if backend == "fused" else "eager" for op in _backend.OPS}
