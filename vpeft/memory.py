@@ -429,6 +429,27 @@ def _forced_backends(backend: str) -> Iterator[None]:
         raise ValueError(f"backend must be 'eager' or 'fused', got {backend!r}")
 
 
+def _forward_module_tracker():
+    """A ``torch.utils.module_tracker.ModuleTracker`` that ignores forwards run inside
+    backward (activation-checkpoint recomputation). Its gradient hooks on a module's
+    inputs and outputs hold their autograd nodes, and the nodes of a recomputed graph
+    hold the recomputed activations: tracked, every recomputed block would stay alive
+    to the end of the backward pass, which a real run does not do. (Ops recomputed in
+    backward are attributed to the module whose backward is running.)"""
+    from torch.utils.module_tracker import ModuleTracker
+
+    class ForwardModuleTracker(ModuleTracker):
+        def _fw_pre_hook(self, mod, input) -> None:
+            if torch._C._current_graph_task_id() == -1:
+                super()._fw_pre_hook(mod, input)
+
+        def _fw_post_hook(self, mod, input, output) -> None:
+            if torch._C._current_graph_task_id() == -1:
+                super()._fw_post_hook(mod, input, output)
+
+    return ForwardModuleTracker()
+
+
 def estimate_step(method: str, backbone: str, frames: int = 8, batch: Optional[int] = None, *,
                   backend: str = "eager", dtype: torch.dtype = torch.bfloat16, options: Optional[dict] = None,
                   fake: bool = True, emulate_cuda: bool = True, count_flops: bool = True) -> MemoryReport:
@@ -442,7 +463,6 @@ def estimate_step(method: str, backbone: str, frames: int = 8, batch: Optional[i
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
-    from torch.utils.module_tracker import ModuleTracker
 
     from . import profiling
 
@@ -462,7 +482,7 @@ def estimate_step(method: str, backbone: str, frames: int = 8, batch: Optional[i
     _, preset_options = profiling.method_options(method, spec)
     preset_options.update(options or {})
 
-    modules = ModuleTracker()
+    modules = _forward_module_tracker()
     tracker = AllocationTracker(modules, sdpa_lse_padding=emulate_cuda)
     weight_keys = {_key(t) for t in list(vm.parameters()) + list(vm.buffers())}
     for t in list(vm.parameters()) + list(vm.buffers()):
