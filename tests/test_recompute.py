@@ -282,3 +282,31 @@ def test_side_memory_option_errors():
         _side(base, tower_chunk=0)
     with pytest.raises(ValueError, match="recompute_levels must be True or False"):
         _side(base, recompute_levels="yes")
+
+
+# ---------------------------------------------------------------- what each option saves and costs
+
+def test_option_rows_are_cumulative_and_skip_what_the_preset_has():
+    from vpeft.memory_options import candidates
+
+    rows = candidates("side4video", {"side_layers": 2, "stream": True, "checkpointing": True})
+    assert [label for label, _ in rows] == ["preset", "recompute_levels + stream", "tower_chunk=16"]
+    assert rows[-1][1] == {"side_layers": 2, "stream": True, "checkpointing": True, "recompute_levels": True,
+                           "tower_chunk": 16}
+    st = candidates("st_adapter", {"preset": "12x384"})
+    assert st[-1][1] == {"preset": "12x384", "checkpointing": True}  # checkpoint_every replaced, not combined
+    assert candidates("linear_probe") == [("preset", {})]
+
+
+def test_option_table_measures_peak_saved_and_flops_on_fake_tensors():
+    from vpeft.memory_options import compare, format_rows
+
+    rows = compare("st_adapter_12x384", "tiny-vit", frames=4, batch=2)
+    assert [r["label"] for r in rows] == ["preset", "checkpoint_every=2", "checkpointing"]
+    peak = [r["peak_allocated_bytes"] for r in rows]
+    saved = [r["saved_bytes"] for r in rows]
+    ratio = [r["flops_ratio"] for r in rows]
+    assert saved[0] > saved[1] > saved[2] and peak[0] > peak[2]
+    assert ratio[0] == 1.0 and 1.0 < ratio[1] < ratio[2] < 1.6, ratio  # recomputation is paid in FLOPs
+    text = format_rows(rows, budget_bytes=peak[2])
+    assert "checkpointing" in text and text.rstrip().endswith("yes")
