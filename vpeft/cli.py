@@ -178,9 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
 
-    from .plan import add_plan_parser
+    from .plan import add_estimate_parser, add_plan_parser
 
     add_plan_parser(sub)
+    add_estimate_parser(sub)
     return p
 
 

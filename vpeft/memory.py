@@ -133,7 +133,7 @@ class AllocationTracker(TorchDispatchMode):
         self.peak = 0
         self.peak_where: Tuple[str, str, str] = ("", "", "")
         self.peak_breakdown: Dict[str, int] = {}
-        self.phase = "setup"
+        self.phase = "setup"  # forward, backward, optimizer, zero_grad
         self.modules = module_tracker
         self.sdpa_lse_padding = sdpa_lse_padding
         self.classify: Callable[[], Dict[int, str]] = dict
@@ -201,8 +201,8 @@ class AllocationTracker(TorchDispatchMode):
         tensors = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         if not tensors:
             return out
-        if torch._C._current_graph_task_id() != -1 and self.phase == "forward":
-            self.phase = "backward"
+        if self.phase != "optimizer":
+            self.phase = "backward" if torch._C._current_graph_task_id() != -1 else "forward"
         op = str(func)
         node = torch._C._current_autograd_node()
         if node is not None:
@@ -415,18 +415,168 @@ class MemoryReport:
         return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def _forced_backends(backend: str) -> Iterator[None]:
+def _backend_choices(backend: str, kernels: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     from vpeft_kernels import _backend
 
-    if backend == "eager":
-        with _backend.override({op: "eager" for op in _backend.OPS}):
-            yield
-    elif backend == "fused":
-        with _backend.override(FUSED_BACKENDS):
-            yield
-    else:
-        raise ValueError(f"backend must be 'eager' or 'fused', got {backend!r}")
+    choices = {op: "eager" for op in _backend.OPS}
+    if backend == "fused":
+        choices.update(FUSED_BACKENDS if kernels is None else kernels)
+    return choices
+
+
+class StepEstimator:
+    """One benchmark case, built once, whose training step can be estimated at any batch.
+
+    ``method``: a preset of :data:`vpeft.profiling.METHOD_PRESETS`; ``backbone``: a key of
+    :data:`vpeft.profiling.BACKBONES`; ``options``: adapt options over the preset's (e.g.
+    ``checkpointing=True``); ``backend``: ``eager`` or ``fused`` (:data:`FUSED_BACKENDS`).
+    ``fake=False`` builds and runs real CPU tensors (tiny backbones only).
+    ``emulate_cuda``: make the CUDA run's choices (:data:`EMULATED`). ``kernels``: with
+    ``backend="fused"``, ``{op: backend}`` instead of :data:`FUSED_BACKENDS` (ops not named
+    run eager), e.g. ``{"ladder_projection": "extension"}``, whose CPU kernels can also
+    run real tensors.
+    """
+
+    def __init__(self, method: str, backbone: str, frames: int = 8, *, backend: str = "eager",
+                 dtype: torch.dtype = torch.bfloat16, options: Optional[dict] = None, fake: bool = True,
+                 emulate_cuda: bool = True, kernels: Optional[Dict[str, str]] = None):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        from . import profiling
+
+        if backbone not in profiling.BACKBONES:
+            raise ValueError(f"unknown backbone {backbone!r}; expected one of {sorted(profiling.BACKBONES)}")
+        if method not in profiling.METHOD_PRESETS:
+            raise ValueError(f"unknown method {method!r}; expected one of {profiling.METHOD_PRESETS}")
+        if backend not in ("eager", "fused"):
+            raise ValueError(f"backend must be 'eager' or 'fused', got {backend!r}")
+        if not isinstance(frames, int) or frames < 1:
+            raise ValueError(f"frames must be a positive int, got {frames!r}")
+        self.spec = profiling.BACKBONES[backbone]
+        _, preset_options = profiling.method_options(method, self.spec)
+        self.options = {**preset_options, **(options or {})}
+        self.method, self.backbone, self.frames, self.backend = method, backbone, frames, backend
+        self.dtype, self.fake, self.emulate_cuda = dtype, fake, emulate_cuda
+        self.kernels = _backend_choices(backend, kernels)
+        self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+        start = time.perf_counter()
+        self.vm = profiling.build_case(method, backbone, frames, "meta" if fake else "cpu", dtype, options=options)
+        if fake:
+            fakeify(self.vm, self.fake_mode)
+        self.build_seconds = time.perf_counter() - start
+        self.stepped: Optional[List[int]] = None
+        """Positions (in the trainable parameters) of those a full step updated; known after a
+        ``warmup="step"`` run, or copied from an estimator of the same method and backbone."""
+
+    def run(self, batch: Optional[int] = None, *, warmup: str = "step", count_flops: bool = True) -> MemoryReport:
+        """Track two training steps at ``batch`` (default: the papers' batch) and report the second.
+
+        ``warmup="step"``: the first step is a full training step, as the benchmark runs it.
+        ``warmup="optimizer"``: once one full step has run on this estimator, later runs only
+        create what a first step leaves behind (AdamW's state for the parameters that step
+        updated, from zero gradients): cheaper, same bytes (``tests/test_memory.py`` checks
+        it for every preset); the planner's probes use it.
+        FLOPs are counted on the reported step.
+        """
+        from torch.utils.flop_counter import FlopCounterMode
+        from vpeft_kernels import _backend as _kernel_backend
+
+        from . import profiling
+
+        batch = self.spec.batch if batch is None else batch
+        if not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive int, got {batch!r}")
+        if warmup not in ("step", "optimizer"):
+            raise ValueError(f"warmup must be 'step' or 'optimizer', got {warmup!r}")
+        start = time.perf_counter()
+        vm = self.vm
+        modules = _forward_module_tracker()
+        tracker = AllocationTracker(modules, sdpa_lse_padding=self.emulate_cuda)
+        weights = list(vm.parameters()) + list(vm.buffers())
+        weight_keys = {_key(t) for t in weights}
+        for t in weights:
+            tracker.adopt(t)
+        input_keys: set = set()
+        counter = SavedTensorCounter(tracker, lambda: weight_keys | input_keys)
+        state = {}
+
+        def classify() -> Dict[int, str]:
+            cats = dict.fromkeys(counter.keys(), "saved")
+            cats.update(dict.fromkeys(input_keys, "inputs"))
+            step_ = state.get("step")
+            if step_ is not None:
+                for p in step_.params:
+                    if p.grad is not None:
+                        cats[_key(p.grad)] = "gradients"
+                for st in step_.optimizer.state.values():
+                    for t in st.values():
+                        if isinstance(t, torch.Tensor):
+                            cats[_key(t)] = "optimizer_state"
+            cats.update(dict.fromkeys(weight_keys, "weights"))
+            state["saved_counter_at_peak"] = counter.current
+            return cats
+
+        tracker.classify = classify
+        flops = None
+        with contextlib.ExitStack() as stack:
+            if self.fake:
+                stack.enter_context(self.fake_mode)
+            stack.enter_context(_mha_fastpath(False))
+            stack.enter_context(_kernel_backend.override(self.kernels))
+            stack.enter_context(modules)
+            stack.enter_context(tracker)
+            if self.emulate_cuda:
+                stack.enter_context(_CudaFunctions())
+            stack.enter_context(counter.hooks())
+            step = profiling.TrainingStep(vm, batch, self.frames, self.spec.image_size, "cpu", self.dtype,
+                                          self.spec.num_classes)
+            state["step"] = step
+            input_keys.update(_key(t) for t in (step.video, step.labels, step.text) if t is not None)
+            if self.emulate_cuda:
+                for group in step.optimizer.param_groups:
+                    group["foreach"] = True
+            hooks = [step.optimizer.register_step_pre_hook(lambda *a: setattr(tracker, "phase", "optimizer")),
+                     step.optimizer.register_step_post_hook(lambda *a: setattr(tracker, "phase", "zero_grad"))]
+            try:
+                if warmup == "step" or self.stepped is None:
+                    step()
+                    self.stepped = [i for i, p in enumerate(step.params) if p in step.optimizer.state]
+                else:
+                    for i in self.stepped:
+                        step.params[i].grad = torch.zeros_like(step.params[i])
+                    step.optimizer.step()
+                    step.optimizer.zero_grad(set_to_none=True)
+                if self.emulate_cuda:  # AdamW's step counters: host tensors in a CUDA run
+                    for st in step.optimizer.state.values():
+                        if isinstance(st.get("step"), torch.Tensor):
+                            tracker.forget(st["step"])
+                tracker.phase = "between steps"
+                tracker.reset_peak()
+                counter.reset()
+                if count_flops:
+                    fc = FlopCounterMode(display=False)
+                    with fc:
+                        step()
+                    flops = int(fc.get_total_flops())
+                else:
+                    step()
+                tracker.finish()
+                counter.finish()
+            finally:
+                for h in hooks:
+                    h.remove()
+                vm.zero_grad(set_to_none=True)
+        op, module, phase = tracker.peak_where
+        return MemoryReport(
+            method=self.method, backbone=self.backbone, frames=self.frames, batch=batch, backend=self.backend,
+            dtype=str(self.dtype).replace("torch.", ""), options=dict(self.options),
+            peak_allocated_bytes=tracker.peak, peak_op=op, peak_module=_pattern(module) if module else "",
+            peak_phase=phase, categories=dict(tracker.peak_breakdown), saved_bytes=counter.peak,
+            saved_at_peak_bytes=state.get("saved_counter_at_peak", 0), saved_by_kind=dict(counter.by_kind),
+            flops=flops, trainable_params=vm.num_trainable_parameters(),
+            total_params=sum(p.numel() for p in vm.parameters()), fake=self.fake,
+            emulated=_emulated(self.emulate_cuda, self.backend), op_backends=dict(self.kernels),
+            seconds=time.perf_counter() - start + self.build_seconds)
 
 
 def _forward_module_tracker():
@@ -452,118 +602,20 @@ def _forward_module_tracker():
 
 def estimate_step(method: str, backbone: str, frames: int = 8, batch: Optional[int] = None, *,
                   backend: str = "eager", dtype: torch.dtype = torch.bfloat16, options: Optional[dict] = None,
-                  fake: bool = True, emulate_cuda: bool = True, count_flops: bool = True) -> MemoryReport:
-    """Track two training steps of a benchmark case and report the second.
+                  fake: bool = True, emulate_cuda: bool = True, count_flops: bool = True,
+                  warmup: str = "step") -> MemoryReport:
+    """Estimate one training step of a benchmark case: :class:`StepEstimator` ``(...).run(batch)``.
 
-    ``method``: a preset of :data:`vpeft.profiling.METHOD_PRESETS`; ``backbone``: a key of
-    :data:`vpeft.profiling.BACKBONES`; ``batch``: default the papers' batch for that
-    backbone; ``options``: adapt options over the preset's (e.g. ``checkpointing=True``);
-    ``backend``: ``eager`` or ``fused`` (:data:`FUSED_BACKENDS`). ``fake=False`` runs real
-    CPU tensors (tiny backbones only). ``emulate_cuda``: see :data:`EMULATED`.
+    Returns a :class:`MemoryReport` (peak, op/module/phase at the peak, live bytes by
+    category at the peak, saved-for-backward bytes and kinds, FLOPs, what was emulated
+    and what the accounting cannot see).
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from . import profiling
-
-    if backbone not in profiling.BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; expected one of {sorted(profiling.BACKBONES)}")
-    if method not in profiling.METHOD_PRESETS:
-        raise ValueError(f"unknown method {method!r}; expected one of {profiling.METHOD_PRESETS}")
-    spec = profiling.BACKBONES[backbone]
-    batch = spec.batch if batch is None else int(batch)
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
-    start = time.perf_counter()
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
-    vm = profiling.build_case(method, backbone, frames, "meta" if fake else "cpu", dtype, options=options)
-    if fake:
-        fakeify(vm, fake_mode)
-    _, preset_options = profiling.method_options(method, spec)
-    preset_options.update(options or {})
-
-    modules = _forward_module_tracker()
-    tracker = AllocationTracker(modules, sdpa_lse_padding=emulate_cuda)
-    weight_keys = {_key(t) for t in list(vm.parameters()) + list(vm.buffers())}
-    for t in list(vm.parameters()) + list(vm.buffers()):
-        tracker.adopt(t)
-    input_keys: set = set()
-    counter = SavedTensorCounter(tracker, lambda: weight_keys | input_keys)
-    state = {}
-
-    def classify() -> Dict[int, str]:
-        cats = dict.fromkeys(counter.keys(), "saved")
-        cats.update(dict.fromkeys(input_keys, "inputs"))
-        step_ = state.get("step")
-        if step_ is not None:
-            for p in step_.params:
-                if p.grad is not None:
-                    cats[_key(p.grad)] = "gradients"
-            for st in step_.optimizer.state.values():
-                for t in st.values():
-                    if isinstance(t, torch.Tensor):
-                        cats[_key(t)] = "optimizer_state"
-        cats.update(dict.fromkeys(weight_keys, "weights"))
-        state["saved_counter_at_peak"] = counter.current
-        return cats
-
-    tracker.classify = classify
-    stack = contextlib.ExitStack()
-    with stack:
-        if fake:
-            stack.enter_context(fake_mode)
-        stack.enter_context(_mha_fastpath(False))
-        stack.enter_context(_forced_backends(backend))
-        stack.enter_context(modules)
-        stack.enter_context(tracker)
-        if emulate_cuda:
-            stack.enter_context(_CudaFunctions())
-        stack.enter_context(counter.hooks())
-        step = profiling.TrainingStep(vm, batch, frames, spec.image_size, "cpu", dtype, spec.num_classes)
-        state["step"] = step
-        input_keys.update(_key(t) for t in (step.video, step.labels, step.text) if t is not None)
-        if emulate_cuda:
-            for group in step.optimizer.param_groups:
-                group["foreach"] = True
-        phase_hooks = [step.optimizer.register_step_pre_hook(lambda *a: setattr(tracker, "phase", "optimizer")),
-                       vm.register_forward_pre_hook(lambda *a: setattr(tracker, "phase", "forward"))]
-        flops = None
-        if count_flops:
-            fc = FlopCounterMode(display=False)
-            with fc:
-                step()
-            flops = int(fc.get_total_flops())
-        else:
-            step()
-        for st in step.optimizer.state.values():  # AdamW's step counters: host tensors on CUDA
-            if isinstance(st.get("step"), torch.Tensor) and emulate_cuda:
-                tracker.forget(st["step"])
-        tracker.phase = "between steps"
-        tracker.reset_peak()
-        counter.reset()
-        step()
-        tracker.finish()
-        counter.finish()
-        for h in phase_hooks:
-            h.remove()
-    op, module, phase = tracker.peak_where
-    return MemoryReport(
-        method=method, backbone=backbone, frames=frames, batch=batch, backend=backend,
-        dtype=str(dtype).replace("torch.", ""), options=preset_options,
-        peak_allocated_bytes=tracker.peak, peak_op=op, peak_module=_pattern(module) if module else "",
-        peak_phase=phase, categories=dict(tracker.peak_breakdown), saved_bytes=counter.peak,
-        saved_at_peak_bytes=state.get("saved_counter_at_peak", 0), saved_by_kind=dict(counter.by_kind),
-        flops=flops, trainable_params=vm.num_trainable_parameters(), total_params=sum(p.numel() for p in vm.parameters()),
-        fake=fake, emulated=_emulated(emulate_cuda, backend), op_backends=_op_backends(backend),
-        seconds=time.perf_counter() - start)
+    est = StepEstimator(method, backbone, frames, backend=backend, dtype=dtype, options=options, fake=fake,
+                        emulate_cuda=emulate_cuda)
+    return est.run(batch, warmup=warmup, count_flops=count_flops)
 
 
 def _emulated(emulate_cuda: bool, backend: str) -> List[str]:
     out = list(EMULATED[:-1]) if emulate_cuda else []
     return out + [EMULATED[-1]] if backend == "fused" else out
 
-
-def _op_backends(backend: str) -> Dict[str, str]:
-    from vpeft_kernels import _backend
-
-    return {op: FUSED_BACKENDS[op] if backend == "fused" else "eager" for op in _backend.OPS}
