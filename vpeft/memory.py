@@ -555,6 +555,7 @@ class StepEstimator:
                 counter.reset()
                 if count_flops:
                     fc = FlopCounterMode(display=False)
+                    fc.mod_tracker = _forward_module_tracker()  # its own tracker would keep recomputed blocks
                     with fc:
                         step()
                     flops = int(fc.get_total_flops())
