@@ -286,30 +286,34 @@ def test_side_memory_option_errors():
 
 # ---------------------------------------------------------------- what each option saves and costs
 
-def test_option_rows_are_cumulative_and_skip_what_the_preset_has():
-    from vpeft.memory_options import candidates
+def test_plan_tries_the_untaken_recompute_options():
+    from vpeft.memory_options import untaken
+    from vpeft.plan import memory_saving_alternatives
 
-    rows = candidates("side4video", {"side_layers": 2, "stream": True, "checkpointing": True})
-    assert [label for label, _ in rows] == ["preset", "recompute_levels + stream", "tower_chunk=16"]
-    assert rows[-1][1] == {"side_layers": 2, "stream": True, "checkpointing": True, "recompute_levels": True,
-                           "tower_chunk": 16}
-    st = candidates("st_adapter", {"preset": "12x384"})
-    assert st[-1][1] == {"preset": "12x384", "checkpointing": True}  # checkpoint_every replaced, not combined
-    assert candidates("linear_probe") == [("preset", {})]
+    assert [lbl for lbl, _ in untaken("side4video", {"stream": True, "checkpointing": True})] == ["tower_chunk=16"]
+    assert [lbl for lbl, _ in untaken("st_adapter", {"checkpointing": True})] == []
+    alts = memory_saving_alternatives("st_adapter_12x384", "ViT-B-16", {"preset": "12x384"}, "eager", 8)
+    assert [lbl for lbl, _ in alts] == ["checkpoint_every=2", "checkpointing", "backend fused", "frames 4"]
+    assert alts[1][1] == {"options": {"checkpointing": True}}
+    side = memory_saving_alternatives("side4video_light", "EVA02-E-14", {"stream": True, "checkpointing": True},
+                                      "fused", 8)
+    assert [lbl for lbl, _ in side] == ["tower_chunk=16", "frames 4"]
 
 
-def test_option_table_measures_peak_saved_and_flops_on_fake_tensors():
-    from vpeft.memory_options import compare, format_rows
+def test_plan_shows_what_an_option_costs_in_flops():
+    """The FLOP cost of recomputation, counted on fake tensors, as ``vpeft plan`` prints it."""
+    from vpeft.memory import estimate_step
+    from vpeft.plan import format_alternatives
 
-    rows = compare("st_adapter_12x384", "tiny-vit", frames=4, batch=2)
-    assert [r["label"] for r in rows] == ["preset", "checkpoint_every=2", "checkpointing"]
-    peak = [r["peak_allocated_bytes"] for r in rows]
-    saved = [r["saved_bytes"] for r in rows]
-    ratio = [r["flops_ratio"] for r in rows]
-    assert saved[0] > saved[1] > saved[2] and peak[0] > peak[2]
-    assert ratio[0] == 1.0 and 1.0 < ratio[1] < ratio[2] < 1.6, ratio  # recomputation is paid in FLOPs
-    text = format_rows(rows, budget_bytes=peak[2])
-    assert "checkpointing" in text and text.rstrip().endswith("yes")
+    plain = estimate_step("st_adapter_12x384", "tiny-vit", frames=4, batch=2)
+    ckpt = estimate_step("st_adapter_12x384", "tiny-vit", frames=4, batch=3, options={"checkpointing": True})
+    result = dict(method="st_adapter_12x384", batch=2, first_failure=3, flops=plain.flops,
+                  alternatives=[dict(change="checkpointing", batch=3, peak_allocated_bytes=ckpt.peak_allocated_bytes,
+                                     fits=True, flops=ckpt.flops)])
+    ratio = (ckpt.flops / 3) / (plain.flops / 2)
+    assert 1.05 < ratio < 1.6, ratio  # one more forward of the frozen blocks, not of the whole step
+    text = "\n".join(format_alternatives(result))
+    assert f"{ratio:.2f}x FLOPs" in text and "fits" in text
 
 
 def test_tracker_sees_recomputed_blocks_released():
