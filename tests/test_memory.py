@@ -78,8 +78,8 @@ def test_frozen_side4video_tower_keeping_activations_is_caught(monkeypatch):
     def leaky(self, video):  # a regression: autograd let into the frozen tower
         frames = video.flatten(0, 1).detach().requires_grad_()
         ids = tuple(self.side.layer_ids)
-        _, feats = self._tokens(frames, stop_after=ids[-1], keep=ids)
-        return self.side(video.transpose(1, 2), feats)
+        _, feats = self._tokens(frames, keep=ids, stop_early=True)
+        return self.side(video.transpose(1, 2), [self.tower.side_view(f) for f in feats])
 
     monkeypatch.setattr(VideoModel, "_side_tokens", leaky)
     after = est.run(BATCH, count_flops=False)

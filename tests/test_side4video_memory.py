@@ -36,7 +36,8 @@ def _step(vm, video, labels):
     (lambda: tiny_clip(layers=4), 32, dict(side_layers=2)),
     (lambda: tiny_clip(layers=4), 32, dict(side_layers=4, checkpointing=True)),
     (lambda: create_tiny_eva(depth=4, image_size=56), 56, dict(side_layers=2, checkpointing=True)),
-], ids=["clip-every-2nd", "clip-all-ckpt", "eva-postnorm-ckpt"])
+    (lambda: tiny_clip(layers=4), 32, dict(side_layers=2, recompute_levels=False)),
+], ids=["clip-every-2nd", "clip-all-ckpt", "eva-postnorm-ckpt", "clip-levels-kept"])
 def test_streaming_equals_collecting(factory, size, options):
     plain, streaming = _pair(factory, **options)
     assert streaming.side_stream and not plain.side_stream
@@ -87,13 +88,18 @@ def _saved_backbone_width_tensors(vm, video, width):
 def test_streaming_saves_only_ladder_inputs_post_norm():
     """What bounds memory: the ladder's weight gradient needs each level's input. With the
     post-norm (EVA) ladder ``LN(Linear(z))`` that is exactly one (B*T, 1+N, D) tensor per
-    level and nothing else of the frozen tower."""
-    _, vm = _pair(lambda: create_tiny_eva(depth=4, image_size=56), side_layers=2, checkpointing=True)
-    width = vm.tower.width
-    shapes = _saved_backbone_width_tensors(vm, torch.randn(2, T, 3, 56, 56), width)
-    n = vm.tower.num_patches
+    level and nothing else of the frozen tower; with ``recompute_levels`` (``stream=True``'s
+    default) not even that: nothing D-wide is kept."""
+    video = torch.randn(2, T, 3, 56, 56)
+    _, kept = _pair(lambda: create_tiny_eva(depth=4, image_size=56), side_layers=2, checkpointing=True,
+                    recompute_levels=False)
+    width = kept.tower.width
+    n = kept.tower.num_patches
     # one (B*T*(1+N), D) input per level (whichever ladder backend runs), no other tower tensor
-    assert shapes == [(2 * T * (1 + n), width)] * 2
+    assert _saved_backbone_width_tensors(kept, video, width) == [(2 * T * (1 + n), width)] * 2
+    _, streamed = _pair(lambda: create_tiny_eva(depth=4, image_size=56), side_layers=2, checkpointing=True)
+    assert streamed.side_recompute_levels
+    assert _saved_backbone_width_tensors(streamed, video, width) == []
 
 
 def test_streaming_releases_each_level_when_not_trained():

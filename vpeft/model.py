@@ -83,6 +83,8 @@ class VideoModel(nn.Module):
         self.classes: Optional[list] = None        # class names, when known (saved with the weights)
         # ids of the backbone's own modules (before injection): they stay in eval mode
         self._frozen_ids = frozen if frozen is not None else {id(m) for m in backbone.modules()}
+        self.side_recompute_levels = False   # side4video memory options (set by adapt)
+        self.tower_chunk: Optional[int] = None
         self.train(False)
 
     @property
@@ -157,21 +159,22 @@ class VideoModel(nn.Module):
         Each tower step runs under ``no_grad``; the yield is outside it, so the
         consumer's side blocks build their autograd graph normally. Between two yields
         only the current token stream of the tower is alive here: the previous level
-        is released as soon as the consumer has projected it. Levels are in the
-        tower's :meth:`~vpeft.backbones.towers.VisionTower.side_view` (summary token,
-        then patches).
+        is released as soon as the consumer has projected it (unless the ladder keeps
+        it for its weight gradient, i.e. without ``recompute_levels``). With
+        ``tower_chunk`` each frozen block runs on that many frames at a time, bounding its
+        transients. Levels are in the tower's
+        :meth:`~vpeft.backbones.towers.VisionTower.side_view` (summary token, then patches).
         """
-        for x in self.tower.iter_intermediates(frames, self.side.layer_ids):
+        for x in self.tower.iter_intermediates(frames, self.side.layer_ids, chunk=self.tower_chunk):
             yield self.tower.side_view(x)
 
     def _side_tokens(self, video: torch.Tensor) -> torch.Tensor:
         frames = video.flatten(0, 1)
-        if self.side_stream:
-            return self.side(video.transpose(1, 2), self._ladder_levels(frames))
-        with torch.no_grad():
-            _, feats = self._tokens(frames, tuple(self.side.layer_ids), stop_early=True)
-            feats = [self.tower.side_view(f) for f in feats]
-        return self.side(video.transpose(1, 2), feats)
+        levels = self._ladder_levels(frames)
+        if not self.side_stream:
+            levels = list(levels)
+        again = (lambda: self._ladder_levels(frames)) if self.side_recompute_levels else None
+        return self.side(video.transpose(1, 2), levels, recompute_levels=again)
 
     # ------------------------------------------------------------------ API
     def forward(self, video: torch.Tensor) -> torch.Tensor:
@@ -289,6 +292,9 @@ def adapt(model: nn.Module, method: str, *, num_frames: int, num_classes: Option
             unknown option or a value of the wrong type is refused naming it. All methods
             take ``dropout`` (classifier dropout; 0.5, and 0 for ``side4video`` as in every
             released Side4Video config) and ``backend``.
+            Memory options (``checkpointing``, ``checkpoint_every``, and for
+            ``side4video`` ``recompute_levels``, ``stream``, ``tower_chunk``): what each
+            saves and costs is in :mod:`vpeft.methods.recompute`.
 
     Returns:
         a :class:`VideoModel` that owns ``model``.
@@ -320,6 +326,25 @@ def adapt(model: nn.Module, method: str, *, num_frames: int, num_classes: Option
             head = ClassifierHead(tower.feature_dim, num_classes, opts["dropout"]).to(dtype=p.dtype)
     vm = VideoModel(model, spec.name, num_frames, num_classes, tower, text, msta=parts.msta, side=parts.side,
                     head=head, extra=parts.extra, options=opts, frozen=frozen)
-    vm.side_stream = bool(parts.side_stream) and parts.side is not None
+    if parts.side is not None:
+        vm.side_recompute_levels = bool(parts.side_recompute_levels)
+        # recomputed levels are consumed as the tower produces them
+        vm.side_stream = bool(parts.side_stream) or vm.side_recompute_levels
+        vm.tower_chunk = parts.tower_chunk
     object.__setattr__(model, "_vpeft_adapted", True)
     return vm
+
+
+def _side_memory_options(vm: VideoModel, options) -> None:
+    """Side4Video's ``stream``, ``recompute_levels`` and ``tower_chunk`` (see :func:`adapt`)."""
+    stream = options.get("stream", False)
+    recompute = options.get("recompute_levels", stream)
+    chunk = options.get("tower_chunk")
+    for name, value in (("stream", stream), ("recompute_levels", recompute)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"tower_chunk must be a positive number of frames (or None), got {chunk!r}")
+    vm.side_recompute_levels = recompute
+    vm.side_stream = stream or recompute  # recomputed levels are consumed as the tower produces them
+    vm.tower_chunk = chunk

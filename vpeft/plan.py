@@ -306,10 +306,11 @@ def memory_saving_alternatives(method: str, backbone: str, options: dict, backen
     from .profiling import BACKBONES, method_options
 
     allowed = _OPTIONS.get(method_options(method, BACKBONES[backbone])[0], set())
-    out = []
-    for key in ("checkpointing", "stream"):
-        if key in allowed and not options.get(key, False):
-            out.append((f"{key}=True", {"options": {key: True}}))
+    from .memory_options import untaken
+
+    out = [(label, {"options": extra}) for label, extra in untaken(method_options(method, BACKBONES[backbone])[0],
+                                                                   options)
+           if set(extra) <= allowed]
     if backend == "eager":
         out.append(("backend fused", {"backend": "fused"}))
     if frames > 1:
@@ -457,10 +458,17 @@ def format_alternatives(result: dict) -> List[str]:
         return []
     if not alts:
         return [f"  no memory-saving option of {result['method']} is left to try"]
-    lines = [f"  options that would fit batch {result['first_failure']} (estimated):"]
+    from .memory_options import flops_ratio
+
+    lines = [f"  options that would fit batch {result['first_failure']} (estimated; FLOPs per clip over the "
+             "plan's step, vpeft.memory_options says what each saves and costs):"]
     for a in alts:
-        lines.append(f"    {a['change']:<18} {_gb(a['peak_allocated_bytes'])}  "
-                     f"{'fits' if a['fits'] else 'does not fit'}")
+        # fused custom ops have no FLOP formula, so a backend change has no comparable count
+        ratio = None if a["change"].startswith("backend") else flops_ratio(a.get("flops"), a["batch"],
+                                                                           result.get("flops"), result["batch"])
+        lines.append(f"    {a['change']:<26} {_gb(a['peak_allocated_bytes'])}  "
+                     f"{'fits' if a['fits'] else 'does not fit':<13}"
+                     + ("" if ratio is None else f" {ratio:.2f}x FLOPs"))
     return lines
 
 

@@ -345,13 +345,15 @@ class VisionTower:
                 kept.append(x)
         return x, kept
 
-    def iter_intermediates(self, x: torch.Tensor, indices: Sequence[int], no_grad: bool = True
-                           ) -> Iterator[torch.Tensor]:
+    def iter_intermediates(self, x: torch.Tensor, indices: Sequence[int], no_grad: bool = True,
+                           chunk: Optional[int] = None) -> Iterator[torch.Tensor]:
         """Yield the outputs of blocks ``indices`` one by one, running the tower only as far as needed.
 
         With ``no_grad`` each step runs without autograd while the yield itself is outside
         it, so the consumer's modules build their graph normally; between two yields only
-        the tower's current token stream is alive here.
+        the tower's current token stream is alive here. ``chunk``: run each block on that
+        many rows (frames) at a time, so its transients (MLP hidden layer, attention) are
+        those of a chunk; rows are independent in a per-frame tower, so the output is the same.
         """
         ids = self._indices(indices)
         guard = torch.no_grad if no_grad else contextlib.nullcontext
@@ -361,9 +363,19 @@ class VisionTower:
         for target in ids:
             with guard():
                 while done <= target:
-                    x = self.blocks[done](x, **self.block_kwargs(kw, done))
+                    x = self._run_block(done, x, self.block_kwargs(kw, done), chunk)
                     done += 1
             yield x
+
+    def _run_block(self, i: int, x: torch.Tensor, kw, chunk: Optional[int]) -> torch.Tensor:
+        if not chunk or x.shape[0] <= chunk:
+            return self.blocks[i](x, **kw)
+        if self.layout != "bt":
+            raise ValueError("tower_chunk needs a per-frame tower (a ViCLIP block attends across all frames)")
+        out = torch.empty_like(x)
+        for start in range(0, x.shape[0], chunk):
+            out[start:start + chunk] = self.blocks[i](x[start:start + chunk], **kw)
+        return out
 
     # --------------------------------------------------------------- per-frame features
     def video_feature(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:

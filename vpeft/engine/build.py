@@ -61,7 +61,7 @@ def build_video_model(cfg: Dict[str, Any], num_classes: Optional[int], device: t
     options = dict(m["options"])
     ac = bool(cfg["train"]["activation_checkpointing"])
     if ac and spec.checkpointing == "option":
-        options["checkpointing"] = True
+        options.setdefault("checkpointing", True)   # the method's own recomputation regions
     try:
         vm = adapt(backbone, spec.name, num_frames=m["num_frames"], num_classes=num_classes,
                    dropout=float(m["dropout"]), **options)

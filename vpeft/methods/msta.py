@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from ..backbones.towers import BlockOps, around_prefix
 from . import ops
+from .recompute import run_region
 
 DEFAULT_LAST_BLOCKS = 5
 """The released runs adapt blocks 8..12 of 12: the last five blocks of each tower."""
@@ -161,15 +162,20 @@ class MSTABlock(nn.Module):
     ``out = block(x) + s * A(first_norm(x))``. The FusedMSTA is owned by the
     enclosing :class:`vpeft.VideoModel` (it is shared by a vision and a text block),
     so it is held here as a plain reference, not a submodule.
+
+    With ``checkpoint=True`` the block and its adapter branch are one recomputation
+    region (:func:`vpeft.methods.recompute.run_region`; the adapter's dropout mask is
+    drawn again from the same RNG state, so it is the same mask).
     """
 
-    def __init__(self, block: nn.Module, ops: BlockOps, msta: FusedMSTA, modality: str):
+    def __init__(self, block: nn.Module, ops: BlockOps, msta: FusedMSTA, modality: str, checkpoint: bool = False):
         super().__init__()
         if modality not in ("vision", "text"):
             raise ValueError(f"modality must be 'vision' or 'text', got {modality!r}")
         self.block = block
         self.ops = ops
         self.modality = modality
+        self.checkpoint = bool(checkpoint)
         object.__setattr__(self, "msta", msta)
 
     def get_weight_dtype(self) -> torch.dtype:
@@ -177,6 +183,11 @@ class MSTABlock(nn.Module):
         return self.block.get_weight_dtype()
 
     def forward(self, x, *args, **kwargs):
+        if self.checkpoint:
+            return run_region(self._body, x, *args, **kwargs)
+        return self._body(x, *args, **kwargs)
+
+    def _body(self, x, *args, **kwargs):
         y = self.block(x, *args, **kwargs)
         u = self.ops.first_norm(self.block, x)
         branch = self.msta.vision(u) if self.modality == "vision" else self.msta.text(u)
@@ -184,6 +195,7 @@ class MSTABlock(nn.Module):
 
 
 # ---------------------------------------------------------------------- registration
+from .recompute import CHECKPOINT_OPTIONS, checkpointed_blocks  # noqa: E402
 from .registry import (InjectContext, Injected, MethodSpec, Option, fraction, positive_int,  # noqa: E402
                        register_method)
 
@@ -197,15 +209,16 @@ def _inject(ctx: InjectContext) -> Injected:
         raise ValueError("text=True but this model has no text tower")
     t = ctx.text if use_text else None
     vis, txt = msta_layers(o["layers"], tower.depth, len(t.blocks) if t else None)
+    ckpt = checkpointed_blocks(o["checkpointing"], o["checkpoint_every"], tower.depth, adapted=vis)
     msta = nn.ModuleList()
     for k, i in enumerate(vis):
         m = FusedMSTA(tower.width, t.width if t else None, o["bottleneck"], ctx.num_frames, scale=o["scale"],
                       dropout=o["adapter_dropout"], layout=tower.layout, num_prefix_tokens=tower.num_prefix_tokens,
                       backend=o["backend"]).to(**ctx.factory)
         msta.append(m)
-        tower.blocks[i] = MSTABlock(tower.blocks[i], tower.ops, m, "vision")
-        if t is not None:
-            t.blocks[txt[k]] = MSTABlock(t.blocks[txt[k]], t.ops, m, "text")
+        tower.blocks[i] = MSTABlock(tower.blocks[i], tower.ops, m, "vision", checkpoint=i in ckpt)
+        if t is not None:   # a text block is recomputed when its vision partner is
+            t.blocks[txt[k]] = MSTABlock(t.blocks[txt[k]], t.ops, m, "text", checkpoint=i in ckpt)
     return Injected(msta=msta)
 
 
@@ -216,5 +229,6 @@ register_method(MethodSpec(
                                            "(first, last) for both towers, or one pair per tower (msta_layers)"),
      "scale": Option(0.005, float, "adapter output scale s"),
      "adapter_dropout": fraction("dropout on the shared bottleneck", 0.1),
-     "text": Option(None, bool, "adapt the text tower too (None: when the model has one and there is no classifier)")},
-    inject=_inject, uses_text=True, find_unused_parameters=True))
+     "text": Option(None, bool, "adapt the text tower too (None: when the model has one and there is no classifier)"),
+     **CHECKPOINT_OPTIONS},
+    inject=_inject, uses_text=True, find_unused_parameters=True, checkpointing="option"))

@@ -124,7 +124,9 @@ class Injected:
     ``msta``: MSTA-style shared layers; ``side``: a side network (the VideoModel then
     takes its video feature from the side network); ``head``: a classifier (None: the
     default linear classifier on the pooled feature is added when ``num_classes`` is
-    set); ``extra``: any other trained module (kept under ``VideoModel.extra``).
+    set); ``extra``: any other trained module (kept under ``VideoModel.extra``);
+    ``side_stream``, ``side_recompute_levels``, ``tower_chunk``: how the VideoModel feeds
+    a side network (see :mod:`vpeft.methods.recompute`).
     """
 
     msta: Optional[nn.Module] = None
@@ -132,6 +134,8 @@ class Injected:
     head: Optional[nn.Module] = None
     extra: Optional[nn.Module] = None
     side_stream: bool = False
+    side_recompute_levels: bool = False
+    tower_chunk: Optional[int] = None
 
 
 @dataclass(frozen=True)

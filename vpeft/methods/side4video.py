@@ -14,16 +14,16 @@ read. This is vpeft's extension of the paper, which only uses CLIP/EVA [CLS] mod
 from __future__ import annotations
 
 import math
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from vpeft_kernels.reference import temporal_taps
 
 from . import ops
+from .recompute import recomputing, run_region
 
 HEAD_DIM = 64
 RELEASED_INIT_DEPTH = 12
@@ -43,15 +43,6 @@ def ladder_layers(backbone_layers: int, side_layers: int) -> List[int]:
         raise ValueError(f"side_layers={side_layers} must divide the backbone depth {backbone_layers}")
     step = backbone_layers // side_layers
     return [(i + 1) * step - 1 for i in range(side_layers)]
-
-
-def recomputing() -> bool:
-    """True while autograd is running a backward pass on this thread.
-
-    A module's forward that runs then is a recomputation (activation checkpointing,
-    reentrant or not, re-runs the checkpointed forward from inside the backward pass).
-    """
-    return torch._C._current_graph_task_id() != -1
 
 
 class _RecomputeSafeBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -159,9 +150,97 @@ class LadderProjection(nn.Module):
         Same op as :meth:`forward` on a one-level list (the parameters are sliced, so
         gradients land in the same stacked tensors).
         """
-        sl = slice(i, i + 1)
-        return ops.call("ladder_projection", [z], self.ln_weight[sl], self.ln_bias[sl], self.weight[sl],
-                        self.bias[sl], norm=self.norm, backend=self.backend)[0]
+        return self._project(z, *(p[i:i + 1] for p in self._stacked()))
+
+    def _stacked(self):
+        return self.ln_weight, self.ln_bias, self.weight, self.bias
+
+    def _project(self, z, ln_weight, ln_bias, weight, bias) -> torch.Tensor:
+        return ops.call("ladder_projection", [z], ln_weight, ln_bias, weight, bias, norm=self.norm,
+                        backend=self.backend)[0]
+
+    def level_recomputed(self, i: int, z: torch.Tensor, grads: "LevelGradients") -> torch.Tensor:
+        """:meth:`level` without keeping ``z`` for backward (``recompute_levels``).
+
+        The output is the same; its gradient is handed to ``grads``, which computes the
+        ladder's parameter gradients once every level's gradient has arrived, from
+        levels produced again by a second frozen forward.
+        """
+        return _RecomputedLevel.apply(z, *self._stacked(), i, grads)
+
+
+class LevelGradients:
+    """The ladder's parameter gradients of one forward pass under ``recompute_levels``.
+
+    The forward keeps no level input; backward hands each level's output gradient
+    ``dL/du_i`` ``(B*T, 1+N, d)`` here (``d``-wide: a third of the ``D``-wide input at
+    ViT-E). When the last one arrives, ``levels()`` runs the frozen tower a second time
+    (under ``no_grad``, level by level) and each level's parameter gradients are
+    computed from it, exactly as the kept-input path computes them, and the level and
+    its output gradient are released before the next.
+
+    Args:
+        ladder: the :class:`LadderProjection`. count: number of levels.
+        levels: returns a fresh iterator over the ``count`` level inputs.
+    """
+
+    def __init__(self, ladder: "LadderProjection", count: int, levels: Callable[[], Iterator[torch.Tensor]]):
+        self.ladder = ladder
+        self.count = count
+        self.levels = levels
+        self._reset()
+
+    def _reset(self):
+        self.grads: List[Optional[torch.Tensor]] = [None] * self.count
+        self.pending = self.count
+
+    def received(self, i: int, grad: torch.Tensor):
+        """Store level ``i``'s output gradient; after the last, return the 4 stacked parameter gradients."""
+        if self.grads[i] is not None:
+            raise RuntimeError(f"ladder level {i} received a second gradient before the others arrived")
+        self.grads[i] = grad
+        self.pending -= 1
+        if self.pending:
+            return None
+        try:
+            return self._parameter_grads()
+        finally:
+            self._reset()  # a second backward over a retained graph starts afresh
+
+    def _parameter_grads(self):
+        params = self.ladder._stacked()
+        full = [torch.zeros_like(p) for p in params]
+        produced = 0
+        with torch.enable_grad():
+            for i, z in enumerate(self.levels()):
+                if i >= self.count:
+                    break
+                rows = [p.detach()[i:i + 1].requires_grad_() for p in params]
+                u = self.ladder._project(z, *rows)
+                for buf, g in zip(full, torch.autograd.grad(u, rows, self.grads[i])):
+                    buf[i:i + 1] = g
+                self.grads[i] = u = z = rows = None
+                produced += 1
+        if produced != self.count:
+            raise RuntimeError(f"the second frozen forward gave {produced} ladder levels, expected {self.count}")
+        return full
+
+
+class _RecomputedLevel(torch.autograd.Function):
+    """One ladder level whose input is not saved: see :class:`LevelGradients`."""
+
+    @staticmethod
+    def forward(ctx, z, ln_weight, ln_bias, weight, bias, i, grads):
+        ctx.i, ctx.grads = i, grads
+        ladder = grads.ladder
+        return ladder._project(z, ln_weight[i:i + 1], ln_bias[i:i + 1], weight[i:i + 1], bias[i:i + 1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        full = ctx.grads.received(ctx.i, grad)
+        if full is None:
+            return (None,) * 7
+        return (None, *full, None, None)
 
 
 class SideBlock(nn.Module):
@@ -169,9 +248,12 @@ class SideBlock(nn.Module):
 
     Pre-norm (CLIP): ``s += pw2(dw_t(pw1(BN(s))))``; ``s += MHA(LN(...))``;
     ``s += fc2(gelu(fc1(BN(s))))``. Post-norm (EVA): ``s += BN(conv(s))``;
-    ``s += LN(attn(...))``; ``s += BN(mlp(s))``, each sub-block optionally under
-    activation checkpointing. Heads of width 64. The BatchNorms update their running
-    statistics once per step also when a checkpointed sub-block is recomputed
+    ``s += LN(attn(...))``; ``s += BN(mlp(s))``. Heads of width 64.
+
+    ``checkpointing``: the whole block is one recomputation region
+    (:func:`vpeft.methods.recompute.run_region`): backward keeps its inputs ``s``, ``c``
+    (and ``pos``, a parameter) and nothing else, and runs the block again when it gets
+    there. The BatchNorms inside update their running statistics in the forward only
     (:class:`TokenBatchNorm`).
     """
 
@@ -241,17 +323,17 @@ class SideBlock(nn.Module):
             return self.mlp_norm(self.fc2(F.gelu(self.fc1(s))))
         return self.fc2(F.gelu(self.fc1(self.mlp_norm(s))))
 
-    def _run(self, fn, *args):
-        if self.checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
+    def _body(self, s, c, pos):
+        s = s + self._conv(s)
+        s = s + self._attn(s, c, pos)
+        return s + self._mlp(s)
 
     def forward(self, s: torch.Tensor, c: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """``s`` ``(B*T, N, d)`` side tokens, ``c`` ``(B*T, d)`` projected [CLS], ``pos`` ``(N, d)``
         (or ``(N+1, d)`` with a [CLS] row, see :meth:`SideNetwork.add_cls_position`)."""
-        s = s + self._run(self._conv, s)
-        s = s + self._run(self._attn, s, c, pos)
-        return s + self._run(self._mlp, s)
+        if self.checkpointing:
+            return run_region(self._body, s, c, pos)
+        return self._body(s, c, pos)
 
 
 class SideNetwork(nn.Module):
@@ -264,13 +346,14 @@ class SideNetwork(nn.Module):
         post_norm: post-norm side blocks and ``Linear -> LN`` ladder (EVA).
         fusion: ``"mean"`` (released code: ``0.5 s + 0.5 u``) or ``"sum"`` (paper Eq. 2).
         pos_std: init std of the position embedding (0.01 CLIP, 0.02 EVA).
-        checkpointing: activation checkpointing of side sub-blocks.
+        checkpointing: recompute side blocks in backward (one region per block, see
+            :class:`SideBlock`): ``True`` for all, or a collection of 0-based block indices.
     """
 
     def __init__(self, backbone_width: int, backbone_layers: int, side_width: int = 320, side_layers: int = 12,
                  num_frames: int = 8, patch_size: int = 16, num_patches: int = 196, post_norm: bool = False,
-                 fusion: str = "mean", pos_std: Optional[float] = None, checkpointing: bool = False,
-                 backend: Optional[str] = None):
+                 fusion: str = "mean", pos_std: Optional[float] = None,
+                 checkpointing: Union[bool, Iterable[int]] = False, backend: Optional[str] = None):
         super().__init__()
         if fusion not in ("mean", "sum"):
             raise ValueError(f"fusion must be 'mean' or 'sum', got {fusion!r}")
@@ -283,9 +366,10 @@ class SideNetwork(nn.Module):
         self.pos = nn.Parameter(torch.randn(num_patches, side_width) * (pos_std or (0.02 if post_norm else 0.01)))
         self.ladder = LadderProjection(side_layers, backbone_width, side_width, "post" if post_norm else "pre",
                                        backend=backend)
+        ckpt = set(range(side_layers)) if checkpointing is True else set(checkpointing or ())
         self.blocks = nn.ModuleList(
-            SideBlock(side_width, num_frames, post_norm=post_norm, checkpointing=checkpointing, backend=backend)
-            for _ in range(side_layers))
+            SideBlock(side_width, num_frames, post_norm=post_norm, checkpointing=i in ckpt, backend=backend)
+            for i in range(side_layers))
 
     def add_cls_position(self, std: float = 0.01) -> None:
         """Make the position embedding ``(N+1, d)``, ``N(0, std)``: row 0 is added to the
@@ -294,8 +378,8 @@ class SideNetwork(nn.Module):
         p = self.pos
         self.pos = nn.Parameter(torch.randn(self.num_patches + 1, p.shape[1], device=p.device, dtype=p.dtype) * std)
 
-    def forward(self, video: torch.Tensor,
-                features: Union[Sequence[torch.Tensor], Iterable[torch.Tensor]]) -> torch.Tensor:
+    def forward(self, video: torch.Tensor, features: Union[Sequence[torch.Tensor], Iterable[torch.Tensor]],
+                recompute_levels: Optional[Callable[[], Iterator[torch.Tensor]]] = None) -> torch.Tensor:
         """``video`` ``(B, 3, T, H, W)``; ``features[i]`` ``(B*T, 1+N, D)`` is the output of
         backbone layer ``layer_ids[i]``. Returns side tokens ``(B*T, N, d)``.
 
@@ -304,12 +388,22 @@ class SideNetwork(nn.Module):
         level is projected and fused into its side block as soon as it arrives, so the
         producer can advance the frozen tower lazily; see
         :meth:`vpeft.model.VideoModel._side_tokens`). Both give the same result.
+
+        ``recompute_levels``: a callable returning a fresh iterator over the same levels
+        (a second frozen forward). Given, the ladder keeps no level input for backward
+        (:class:`LevelGradients`); levels are then projected one at a time either way.
         """
-        if isinstance(features, (list, tuple)):
+        grads = None
+        if recompute_levels is not None:
+            grads = LevelGradients(self.ladder, len(self.blocks), recompute_levels)
+            levels = iter(features)
+            project = lambda i, z: self.ladder.level_recomputed(i, z, grads)  # noqa: E731
+        elif isinstance(features, (list, tuple)):
             if len(features) != len(self.blocks):
                 raise ValueError(f"expected {len(self.blocks)} ladder features, got {len(features)}")
             u = self.ladder(features)                           # (l, B*T, 1+N, d)
             levels = iter(u.unbind(0))
+            del u  # one storage for all levels: alive until the last level's view is consumed
             project = lambda i, z: z  # noqa: E731 - already projected
         else:
             levels = iter(features)
@@ -325,9 +419,13 @@ class SideNetwork(nn.Module):
             ui = project(i, z)
             del z  # streaming: the level's features live on only where autograd saved them
             patches = ui[:, 1:].to(s.dtype)
+            # the projected [CLS] is copied: a view would keep all of ui alive as long as
+            # the block's backward keeps c (a checkpoint region's input)
+            c = ui[:, 0].to(s.dtype, copy=True)
             s = 0.5 * s + 0.5 * patches if self.fusion == "mean" else s + patches
-            s = block(s, ui[:, 0].to(s.dtype), pos)
             del ui, patches
+            s = block(s, c, pos)
+            del c
         return s
 
 
@@ -361,6 +459,7 @@ class SideHead(nn.Module):
 
 # ---------------------------------------------------------------------- registration
 from ..backbones.towers import UnsupportedBackbone, refusal  # noqa: E402
+from .recompute import CHECKPOINT_OPTIONS, checkpointed_blocks  # noqa: E402
 from .registry import InjectContext, Injected, MethodSpec, Option, positive_int, register_method  # noqa: E402
 
 
@@ -382,12 +481,16 @@ def _inject(ctx: InjectContext) -> Injected:
     norm = o["norm"] or ("post" if tower.post_norm else "pre")
     if tower.patch_size[0] != tower.patch_size[1]:
         raise ValueError(f"side4video needs square patches, got {tower.patch_size}")
-    side = SideNetwork(tower.width, tower.depth, o["side_width"], o["side_layers"] or tower.depth, ctx.num_frames,
+    side_layers = o["side_layers"] or tower.depth
+    ckpt = checkpointed_blocks(o["checkpointing"], o["checkpoint_every"], side_layers)
+    side = SideNetwork(tower.width, tower.depth, o["side_width"], side_layers, ctx.num_frames,
                        tower.patch_size[0], tower.num_patches, post_norm=(norm == "post"), fusion=o["fusion"],
-                       pos_std=o["pos_std"], checkpointing=o["checkpointing"], backend=o["backend"]).to(**ctx.factory)
+                       pos_std=o["pos_std"], checkpointing=ckpt, backend=o["backend"]).to(**ctx.factory)
     head = SideHead(side.pos.shape[1], ctx.num_classes, o["dropout"], ctx.num_frames,
                     norm=not side.post_norm).to(**ctx.factory)
-    return Injected(side=side, head=head, side_stream=o["stream"])
+    recompute = o["stream"] if o["recompute_levels"] is None else o["recompute_levels"]
+    return Injected(side=side, head=head, side_stream=o["stream"], side_recompute_levels=recompute,
+                    tower_chunk=o["tower_chunk"])
 
 
 register_method(MethodSpec(
@@ -398,8 +501,11 @@ register_method(MethodSpec(
                       choices=("mean", "sum")),
      "norm": Option(None, str, "pre (CLIP) or post (EVA) ladder/side norms; None: from the backbone",
                     choices=("pre", "post")),
-     "checkpointing": Option(False, bool, "activation checkpointing of the side sub-blocks"),
-     "stream": Option(False, bool, "advance the frozen tower level by level (lower peak memory)"),
+     **CHECKPOINT_OPTIONS,
+     "stream": Option(False, bool, "advance the frozen tower only as far as the side network has consumed"),
+     "recompute_levels": Option(None, bool, "keep no backbone level for the ladder's weight gradients: a second "
+                                            "frozen forward in backward provides them (None: the value of stream)"),
+     "tower_chunk": positive_int("run each frozen block on this many frames at a time (None: all)", None),
      "pos_std": Option(None, float, "init std of the position embedding (None: 0.01 CLIP, 0.02 EVA)",
                        valid=lambda v: v >= 0, expected="a non-negative number or None")},
     inject=_inject, checkpointing="option", backbone_grad=False, joint_space=False,

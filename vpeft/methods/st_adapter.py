@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from ..backbones.towers import BlockOps, around_prefix
 from . import ops
+from .recompute import run_region
 
 PRESETS = {"12x384": ("mlp",), "24x384": ("attn", "mlp")}
 """Adapter placements per block for each preset (both use bottleneck 384)."""
@@ -79,18 +80,28 @@ class STAdapterBlock(nn.Module):
 
     ``x = A1(x); x = x + attn(x); x = A2(x); x = x + mlp(x)`` where ``attn``/``mlp``
     are the block's own residual branches and either adapter may be absent.
+
+    With ``checkpoint=True`` the whole block (frozen branches and adapters) is one
+    recomputation region (:func:`vpeft.methods.recompute.run_region`): backward keeps
+    only the block's input and runs the block's forward again when it gets there.
     """
 
     def __init__(self, block: nn.Module, ops: BlockOps, adapter_attn: Optional[STAdapter],
-                 adapter_mlp: Optional[STAdapter]):
+                 adapter_mlp: Optional[STAdapter], checkpoint: bool = False):
         super().__init__()
         self.block = block
         self.ops = ops
         self.adapter_attn = adapter_attn
         self.adapter_mlp = adapter_mlp
+        self.checkpoint = bool(checkpoint)
 
     def forward(self, x, *args, **kwargs):
         kw = self.ops.call_kwargs(args, kwargs)
+        if self.checkpoint:
+            return run_region(self._body, x, kw)
+        return self._body(x, kw)
+
+    def _body(self, x, kw):
         if self.adapter_attn is not None:
             x = self.adapter_attn(x)
         x = x + self.ops.attn(self.block, x, kw)
@@ -100,6 +111,7 @@ class STAdapterBlock(nn.Module):
 
 
 # ---------------------------------------------------------------------- registration
+from .recompute import CHECKPOINT_OPTIONS, checkpointed_blocks  # noqa: E402
 from .registry import InjectContext, Injected, MethodSpec, Option, positive_int, register_method  # noqa: E402
 
 
@@ -113,9 +125,10 @@ def _inject(ctx: InjectContext) -> Injected:
         return STAdapter(tower.width, r, ctx.num_frames, layout=tower.layout, num_prefix_tokens=tower.num_prefix_tokens,
                          backend=o["backend"]).to(**ctx.factory)
 
+    ckpt = checkpointed_blocks(o["checkpointing"], o["checkpoint_every"], tower.depth)
     for i, blk in enumerate(tower.blocks):
         tower.blocks[i] = STAdapterBlock(blk, tower.ops, make() if "attn" in where else None,
-                                         make() if "mlp" in where else None)
+                                         make() if "mlp" in where else None, checkpoint=i in ckpt)
     return Injected()
 
 
@@ -123,5 +136,6 @@ register_method(MethodSpec(
     "st_adapter",
     {"preset": Option("12x384", str, "adapter placement: 12x384 (before each MLP) or 24x384 (attention and MLP)",
                       choices=tuple(PRESETS)),
-     "bottleneck": positive_int("bottleneck width r", 384)},
-    inject=_inject))
+     "bottleneck": positive_int("bottleneck width r", 384),
+     **CHECKPOINT_OPTIONS},
+    inject=_inject, checkpointing="option"))
