@@ -112,10 +112,10 @@ def _options():
     from .registry import Option, positive_int
 
     return {
-        "checkpointing": Option(False, (bool, list, tuple), "recompute blocks in backward instead of keeping their "
+        "checkpointing": Option(None, (bool, list, tuple), "recompute blocks in backward instead of keeping their "
                                 "activations: True (every adapted block; side4video: every side block) or a list "
-                                "of 0-based block indices", valid=_checkpoint_spec,
-                                expected="True, False or a list of 0-based block indices"),
+                                "of 0-based block indices (None: none, unless checkpoint_every)", valid=_checkpoint_spec,
+                                expected="True, False, None or a list of 0-based block indices"),
         "checkpoint_every": positive_int("recompute every k-th adapted block (instead of a list)", None),
     }
 
