@@ -278,9 +278,9 @@ def test_tower_chunk_is_exact_and_bounds_the_frozen_transients(stream):
 
 def test_side_memory_option_errors():
     base = tiny_clip(layers=4).visual
-    with pytest.raises(ValueError, match="tower_chunk must be a positive number of frames"):
+    with pytest.raises(ValueError, match=r"side4video option tower_chunk=0 \(int\); expected a positive int"):
         _side(base, tower_chunk=0)
-    with pytest.raises(ValueError, match="recompute_levels must be True or False"):
+    with pytest.raises(ValueError, match=r"side4video option recompute_levels='yes' \(str\); expected bool"):
         _side(base, recompute_levels="yes")
 
 

@@ -56,7 +56,7 @@ def test_option_types_and_builtin_flags():
 
     with pytest.raises(ValueError, match=r"st_adapter option bottleneck=16.7 \(float\); expected a positive int"):
         vpeft.adapt(tiny_clip(), "st_adapter", num_frames=2, bottleneck=16.7)
-    with pytest.raises(ValueError, match=r"side4video option checkpointing='yes' \(str\); expected bool"):
+    with pytest.raises(ValueError, match=r"side4video option checkpointing='yes' \(str\); expected True, False, None or a list"):
         vpeft.adapt(tiny_clip(), "side4video", num_frames=2, checkpointing="yes")
     assert vpeft.METHODS == ("linear_probe", "full_finetune", "st_adapter", "msta", "side4video")
     assert get_method("msta").uses_text and get_method("msta").find_unused_parameters

@@ -302,15 +302,13 @@ def memory_saving_alternatives(method: str, backbone: str, options: dict, backen
                                frames: int) -> List[Tuple[str, dict]]:
     """The method's own memory-saving choices not taken yet: ``(label, changes)`` where
     ``changes`` has adapt ``options`` and/or ``backend`` / ``frames``."""
-    from .model import _OPTIONS
+    from .memory_options import untaken
+    from .methods import get_method
     from .profiling import BACKBONES, method_options
 
-    allowed = _OPTIONS.get(method_options(method, BACKBONES[backbone])[0], set())
-    from .memory_options import untaken
-
-    out = [(label, {"options": extra}) for label, extra in untaken(method_options(method, BACKBONES[backbone])[0],
-                                                                   options)
-           if set(extra) <= allowed]
+    name = method_options(method, BACKBONES[backbone])[0]
+    allowed = set(get_method(name).options)
+    out = [(label, {"options": extra}) for label, extra in untaken(name, options) if set(extra) <= allowed]
     if backend == "eager":
         out.append(("backend fused", {"backend": "fused"}))
     if frames > 1:
