@@ -380,6 +380,30 @@ def open_video(path: str, decoder: Union[str, Sequence[str]] = "auto", *, start:
 _FALLBACK_LOGGED: set = set()
 
 
+class _CallerMistake(Exception):
+    """Carries a ValueError / IndexError about the asked indices (not about the file) out of
+    :func:`read_frames`' decode guard, so that a backend's own ValueError subclasses (PyAV's
+    ``InvalidDataError``) still count as an undecodable file."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _wanted(path: str, indices, n: int) -> Tuple[List[int], List[int]]:
+    """The asked frame indices and their sorted unique set, checked against ``n`` frames."""
+    try:
+        want = [int(i) for i in (indices(n) if callable(indices) else indices)]
+        if not want:
+            raise ValueError(f"no frame indices asked of {path}")
+        bad = [i for i in want if not 0 <= i < n]
+        if bad:
+            raise IndexError(f"{path}: frame indices {bad[:5]} outside [0, {n})")
+    except (ValueError, IndexError) as e:
+        raise _CallerMistake(e) from None
+    return want, sorted(set(want))
+
+
 def read_frames(path: str, indices: Indices, *, decoder: Union[str, Sequence[str]] = "auto",
                 start: Optional[float] = None, end: Optional[float] = None,
                 frame_template: str = DEFAULT_FRAME_TEMPLATE, frame_start_index: int = 1,
@@ -417,21 +441,16 @@ def read_frames(path: str, indices: Indices, *, decoder: Union[str, Sequence[str
             if n < min_frames:
                 raise VideoDecodeError(f"{path}: too short: {n} frames, at least {min_frames} needed "
                                        f"(data.min_frames)")
-            want = [int(i) for i in (indices(n) if callable(indices) else indices)]
-            if not want:
-                raise ValueError(f"no frame indices asked of {path}")
-            bad = [i for i in want if not 0 <= i < n]
-            if bad:
-                raise IndexError(f"{path}: frame indices {bad[:5]} outside [0, {n})")
-            uniq = sorted(set(want))
+            want, uniq = _wanted(path, indices, n)
             frames = src.get(uniq)
             if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] != len(uniq) or frames.dtype != np.uint8:
                 raise VideoDecodeError(f"decoded frames have shape {frames.shape} and dtype {frames.dtype}")
             pos = {f: j for j, f in enumerate(uniq)}
             return frames[[pos[i] for i in want]]
-        except (ValueError, IndexError):
-            raise                               # the caller's mistake, not the file's
+        except _CallerMistake as e:
+            raise e.error from None             # the caller's mistake, not the file's
         except Exception as e:  # noqa: BLE001 - the backend opened the file but could not decode it
+            # (this includes a backend's own ValueError subclasses, e.g. PyAV's InvalidDataError)
             if name == "frames" or (isinstance(e, VideoDecodeError) and "too short" in str(e)):
                 raise VideoDecodeError(str(e) if str(e).startswith(path) else f"{path}: {e}") from None
             errors.append(f"{name}: {_first_line(e)}")
