@@ -42,3 +42,21 @@ def tiny_backbone(name: str, **kw):
     from vpeft.backbones.build import create_backbone
 
     return create_backbone(name, **kw)
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test with one torch thread (restored afterwards): CPU runs compared bit for bit."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def synthetic_clips(tmp_path_factory):
+    """A small synthetic motion dataset (24 training and 8 validation videos of 8 frames, 32 px)."""
+    from vpeft.data.synthetic import write_synthetic
+
+    root = tmp_path_factory.mktemp("syn")
+    return write_synthetic(str(root), num_train=24, num_val=8, size=32, frames=8, progress=False)

@@ -10,7 +10,6 @@ import torch
 import yaml
 
 from vpeft.data import ListFileError
-from vpeft.data.synthetic import write_synthetic
 from vpeft.engine import ConfigError, Trainer, load_config
 from vpeft.engine import checkpoint as ckpt
 from vpeft.engine.runlog import read_jsonl
@@ -18,18 +17,12 @@ from vpeft.engine.runlog import read_jsonl
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("syn")
-    return write_synthetic(str(root), num_train=24, num_val=8, size=32, frames=8, progress=False)
+def data(synthetic_clips):
+    return synthetic_clips
 
 
 def _overrides(data, out, *extra):

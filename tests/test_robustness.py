@@ -16,7 +16,6 @@ import time
 import pytest
 import torch
 
-from vpeft.data.synthetic import write_synthetic
 from vpeft.engine import checkpoint as ckpt
 from vpeft.engine import load_config, rundir
 from vpeft.engine.runlog import ProgressLog, read_jsonl
@@ -25,18 +24,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("syn")
-    return write_synthetic(str(root), num_train=24, num_val=8, size=32, frames=8, progress=False)
+def data(synthetic_clips):
+    return synthetic_clips
 
 
 def _ov(data, out, *extra):
