@@ -14,6 +14,9 @@ option                    saves                                           costs
 ``checkpointing``         everything an adapted block (ST-Adapter, MSTA)  one more forward of each
                           or side block (Side4Video) keeps for backward,  recomputed block per step
                           except its inputs                               (ST-Adapter B/16: 1.34x FLOPs)
+``recompute_mlp``         ST-Adapter: each frozen MLP branch's hidden     one more forward of each MLP
+                          activation (4x the width) and its norm's        branch per step (B/16 12x384:
+                          statistics; keeps the branch input              see the README's table)
 ``checkpoint_every=k``    the same for every k-th block only              1/k of that forward
 ``recompute_levels``      Side4Video: the backbone level inputs the       a second frozen tower forward
                           ladder keeps for its weight gradients           in backward (up to the last
@@ -31,7 +34,8 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Tuple
 
 OPTIONS: Dict[str, List[Tuple[str, dict]]] = {
-    "st_adapter": [("checkpoint_every=2", {"checkpoint_every": 2}), ("checkpointing", {"checkpointing": True})],
+    "st_adapter": [("recompute_mlp", {"recompute_mlp": True}), ("checkpoint_every=2", {"checkpoint_every": 2}),
+                   ("checkpointing", {"checkpointing": True})],
     "msta": [("checkpointing", {"checkpointing": True})],
     "side4video": [("checkpointing", {"checkpointing": True}),
                    ("recompute_levels + stream", {"recompute_levels": True, "stream": True}),
@@ -40,9 +44,19 @@ OPTIONS: Dict[str, List[Tuple[str, dict]]] = {
 """Per method, the recompute options ``vpeft plan`` tries (one at a time, over the preset's)."""
 
 
-def untaken(method: str, options: Optional[dict] = None) -> List[Tuple[str, dict]]:
+TOWER_CHUNKS = 4
+"""With a batch given, :func:`untaken` sizes ``tower_chunk`` so the frozen tower runs in this
+many chunks of whole clips: most of the transient saving, and an estimate that stays fast
+(a 16-frame chunk at batch 129 x 8 frames is 65 passes of the tower, each one more
+set of ops to account)."""
+
+
+def untaken(method: str, options: Optional[dict] = None, *, batch: Optional[int] = None,
+            frames: Optional[int] = None) -> List[Tuple[str, dict]]:
     """``[(label, adapt options to add), ...]``: the options of :data:`OPTIONS` that
-    ``options`` does not already have (``vpeft plan`` estimates each of them)."""
+    ``options`` does not already have (``vpeft plan`` estimates each of them).
+    ``batch`` and ``frames``: the step the options are for; ``tower_chunk`` is then
+    ``frames`` x ceil(batch / :data:`TOWER_CHUNKS`) (at least its default)."""
     options = dict(options or {})
     if method == "side4video":  # adapt's default: recompute_levels follows stream
         options.setdefault("recompute_levels", options.get("stream", False))
@@ -52,6 +66,11 @@ def untaken(method: str, options: Optional[dict] = None) -> List[Tuple[str, dict
             continue
         if "checkpoint_every" in extra and (options.get("checkpointing") is True or "checkpoint_every" in options):
             continue  # already recomputing every block, or already chose k
+        if "recompute_mlp" in extra and options.get("checkpointing") is True:
+            continue  # every block is recomputed whole already
+        if "tower_chunk" in extra and batch and frames:
+            chunk = max(extra["tower_chunk"], frames * -(-batch // TOWER_CHUNKS))
+            label, extra = f"tower_chunk={chunk}", {**extra, "tower_chunk": chunk}
         out.append((label, dict(extra)))
     return out
 
