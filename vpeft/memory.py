@@ -423,7 +423,10 @@ class _NoModuleTracking:
         return None
 
 
-def _flop_counter():
+def flop_counter():
+    """A ``torch.utils.flop_counter.FlopCounterMode`` that does not track modules: its module
+    tracker's gradient hooks would keep the blocks that activation checkpointing recomputes
+    in backward alive until the step ends (and so change the memory of the step counted)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
@@ -681,7 +684,7 @@ class StepEstimator:
                 hooks += [p.register_post_accumulate_grad_hook(lambda p, i=i: got_grad.add(i))
                           for i, p in enumerate(step.params)]
                 if count_flops:
-                    fc = _flop_counter()
+                    fc = flop_counter()
                     with fc:
                         step()
                     flops = int(fc.get_total_flops())
