@@ -132,30 +132,6 @@ def test_checkpoint_every_and_lists_are_the_middle_ground():
     assert full[2] < half[2] < none[2], (full[2], half[2], none[2])
 
 
-@pytest.mark.parametrize("preset", ["12x384", "24x384"])
-def test_recompute_mlp_is_exact_and_drops_the_hidden_activation(preset):
-    """recompute_mlp: same output and gradients; each block keeps neither its MLP's hidden
-    activation nor its norm's statistics (the branch input, which the norm kept, stays)."""
-    base = tiny_clip(layers=4).visual
-    video, labels = torch.randn(2, T, 3, 32, 32), torch.tensor([1, 3])
-    opts = dict(preset=preset, bottleneck=16)
-    plain = _step(_adapted(base, "st_adapter", **opts), video, labels)
-    vm = _adapted(base, "st_adapter", recompute_mlp=True, **opts)
-    assert all(b.recompute_mlp for b in vm.tower.blocks)
-    mlp = _step(vm, video, labels)
-    assert_same(plain, mlp)
-    rows = 2 * T * (1 + 16)
-    fc, proj = base.transformer.resblocks[0].mlp.c_fc, base.transformer.resblocks[0].mlp.c_proj
-    # fp32 GELU input, LayerNorm mean and rstd; and the two weights' transposed views that
-    # the CPU matmuls save (the parameters' own storage, counted by saved_bytes as views)
-    per_block = rows * fc.out_features * 4 + 2 * rows * 4 + (fc.weight.numel() + proj.weight.numel()) * 4
-    assert plain[2] - mlp[2] == 4 * per_block, (plain[2], mlp[2], 4 * per_block)
-    # whole-block checkpointing wins where both are asked for
-    both = _adapted(base, "st_adapter", recompute_mlp=True, checkpoint_every=2, **opts)
-    assert [(b.checkpoint, b.recompute_mlp) for b in both.tower.blocks] == [(True, False), (False, True)] * 2
-    assert_same(plain, _step(both, video, labels))
-
-
 def test_checkpoint_options_errors():
     assert checkpointed_blocks(None, None, 4) == set()
     assert checkpointed_blocks(True, None, 4) == {0, 1, 2, 3}
@@ -322,9 +298,8 @@ def test_plan_tries_the_untaken_recompute_options():
         ("tower_chunk=16", {"tower_chunk": 16})]
     assert [lbl for lbl, _ in untaken("st_adapter", {"checkpointing": True})] == []
     alts = memory_saving_alternatives("st_adapter_12x384", "ViT-B-16", {"preset": "12x384"}, "eager", 8)
-    assert [lbl for lbl, _ in alts] == ["recompute_mlp", "checkpoint_every=2", "checkpointing", "backend fused",
-                                        "frames 4"]
-    assert alts[2][1] == {"options": {"checkpointing": True}}
+    assert [lbl for lbl, _ in alts] == ["checkpoint_every=2", "checkpointing", "backend fused", "frames 4"]
+    assert alts[1][1] == {"options": {"checkpointing": True}}
     side = memory_saving_alternatives("side4video_light", "EVA02-E-14", {"stream": True, "checkpointing": True},
                                       "fused", 8)
     assert [lbl for lbl, _ in side] == ["tower_chunk=16", "frames 4"]

@@ -14,9 +14,6 @@ option                    saves                                           costs
 ``checkpointing``         everything an adapted block (ST-Adapter, MSTA)  one more forward of each
                           or side block (Side4Video) keeps for backward,  recomputed block per step
                           except its inputs                               (ST-Adapter B/16: 1.34x FLOPs)
-``recompute_mlp``         ST-Adapter: each frozen MLP branch's hidden     one more forward of each MLP
-                          activation (4x the width) and its norm's        branch per step (B/16 12x384:
-                          statistics; keeps the branch input              see the README's table)
 ``checkpoint_every=k``    the same for every k-th block only              1/k of that forward
 ``recompute_levels``      Side4Video: the backbone level inputs the       a second frozen tower forward
                           ladder keeps for its weight gradients           in backward (up to the last
@@ -34,8 +31,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Tuple
 
 OPTIONS: Dict[str, List[Tuple[str, dict]]] = {
-    "st_adapter": [("recompute_mlp", {"recompute_mlp": True}), ("checkpoint_every=2", {"checkpoint_every": 2}),
-                   ("checkpointing", {"checkpointing": True})],
+    "st_adapter": [("checkpoint_every=2", {"checkpoint_every": 2}), ("checkpointing", {"checkpointing": True})],
     "msta": [("checkpointing", {"checkpointing": True})],
     "side4video": [("checkpointing", {"checkpointing": True}),
                    ("recompute_levels + stream", {"recompute_levels": True, "stream": True}),
@@ -66,8 +62,6 @@ def untaken(method: str, options: Optional[dict] = None, *, batch: Optional[int]
             continue
         if "checkpoint_every" in extra and (options.get("checkpointing") is True or "checkpoint_every" in options):
             continue  # already recomputing every block, or already chose k
-        if "recompute_mlp" in extra and options.get("checkpointing") is True:
-            continue  # every block is recomputed whole already
         if "tower_chunk" in extra and batch and frames:
             chunk = max(extra["tower_chunk"], frames * -(-batch // TOWER_CHUNKS))
             label, extra = f"tower_chunk={chunk}", {**extra, "tower_chunk": chunk}

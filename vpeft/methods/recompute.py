@@ -122,18 +122,3 @@ def _options():
 
 CHECKPOINT_OPTIONS = _options()
 """The ``checkpointing`` / ``checkpoint_every`` options, as each method that recomputes declares them."""
-
-
-
-def _mlp_option():
-    from .registry import Option
-
-    return {"recompute_mlp": Option(False, bool, "recompute each frozen MLP branch (norm, hidden layer, activation, "
-                                    "output layer) in backward: keeps the branch's input instead of its 4x-wide "
-                                    "hidden activation; ignored in blocks that checkpointing recomputes whole")}
-
-
-RECOMPUTE_MLP_OPTION = _mlp_option()
-"""ST-Adapter's ``recompute_mlp`` option: the frozen MLP branch of every adapted block is one
-recomputation region (:func:`run_region`), the middle ground between keeping everything and
-``checkpointing``."""

@@ -84,20 +84,16 @@ class STAdapterBlock(nn.Module):
     With ``checkpoint=True`` the whole block (frozen branches and adapters) is one
     recomputation region (:func:`vpeft.methods.recompute.run_region`): backward keeps
     only the block's input and runs the block's forward again when it gets there.
-    With ``recompute_mlp=True`` (and no ``checkpoint``) only the frozen MLP branch is
-    one: backward keeps the branch's input, which its norm keeps anyway, instead of the
-    hidden activation four times as wide, and runs the branch's forward again.
     """
 
     def __init__(self, block: nn.Module, ops: BlockOps, adapter_attn: Optional[STAdapter],
-                 adapter_mlp: Optional[STAdapter], checkpoint: bool = False, recompute_mlp: bool = False):
+                 adapter_mlp: Optional[STAdapter], checkpoint: bool = False):
         super().__init__()
         self.block = block
         self.ops = ops
         self.adapter_attn = adapter_attn
         self.adapter_mlp = adapter_mlp
         self.checkpoint = bool(checkpoint)
-        self.recompute_mlp = bool(recompute_mlp) and not self.checkpoint
 
     def forward(self, x, *args, **kwargs):
         kw = self.ops.call_kwargs(args, kwargs)
@@ -111,13 +107,11 @@ class STAdapterBlock(nn.Module):
         x = x + self.ops.attn(self.block, x, kw)
         if self.adapter_mlp is not None:
             x = self.adapter_mlp(x)
-        if self.recompute_mlp:
-            return x + run_region(self.ops.mlp, self.block, x, kw)
         return x + self.ops.mlp(self.block, x, kw)
 
 
 # ---------------------------------------------------------------------- registration
-from .recompute import CHECKPOINT_OPTIONS, RECOMPUTE_MLP_OPTION, checkpointed_blocks  # noqa: E402
+from .recompute import CHECKPOINT_OPTIONS, checkpointed_blocks  # noqa: E402
 from .registry import InjectContext, Injected, MethodSpec, Option, positive_int, register_method  # noqa: E402
 
 
@@ -134,8 +128,7 @@ def _inject(ctx: InjectContext) -> Injected:
     ckpt = checkpointed_blocks(o["checkpointing"], o["checkpoint_every"], tower.depth)
     for i, blk in enumerate(tower.blocks):
         tower.blocks[i] = STAdapterBlock(blk, tower.ops, make() if "attn" in where else None,
-                                         make() if "mlp" in where else None, checkpoint=i in ckpt,
-                                         recompute_mlp=o["recompute_mlp"])
+                                         make() if "mlp" in where else None, checkpoint=i in ckpt)
     return Injected()
 
 
@@ -144,5 +137,5 @@ register_method(MethodSpec(
     {"preset": Option("12x384", str, "adapter placement: 12x384 (before each MLP) or 24x384 (attention and MLP)",
                       choices=tuple(PRESETS)),
      "bottleneck": positive_int("bottleneck width r", 384),
-     **CHECKPOINT_OPTIONS, **RECOMPUTE_MLP_OPTION},
+     **CHECKPOINT_OPTIONS},
     inject=_inject, checkpointing="option"))
