@@ -8,8 +8,9 @@
 // warp with Chan's formula.
 // Row kernels with column sums (scale_rows, post_backward): a block of kColWarps warps
 // takes kColChunk rows of one level, one warp per row; each warp adds its rows into its
-// own slice of shared memory (no atomics), and the block writes one fixed-order partial
-// sum per column; one ATen sum over the chunks follows: deterministic.
+// own slice of shared memory (no atomics; slots laid out so that a warp's 32 lanes hit
+// 32 banks), and the block writes one fixed-order partial sum per column; one ATen sum
+// over the chunks follows: deterministic.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -84,34 +85,32 @@ __global__ void rows_forward_kernel(LevelPtrs<T> src, int64_t level0, const T* g
   const T* x = src.p[blockIdx.y] + m * N;
   const int64_t nv = N / VEC;
   acc_t count = 0, avg = 0, m2 = 0;
-  {
-    for (int64_t jv = lane; jv < nv; jv += kWarp) {
-      const Pack<T, VEC> xv = load_pack<T, VEC>(x + jv * VEC);
+  for (int64_t jv = lane; jv < nv; jv += kWarp) {
+    const Pack<T, VEC> xv = load_pack<T, VEC>(x + jv * VEC);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {  // Welford
-        const acc_t v = static_cast<acc_t>(xv.v[k]);
-        count += acc_t(1);
-        const acc_t delta = v - avg;
-        avg += delta / count;
-        m2 += delta * (v - avg);
-      }
+    for (int k = 0; k < VEC; ++k) {  // Welford
+      const acc_t v = static_cast<acc_t>(xv.v[k]);
+      count += acc_t(1);
+      const acc_t delta = v - avg;
+      avg += delta / count;
+      m2 += delta * (v - avg);
     }
-#pragma unroll
-    for (int off = kWarp / 2; off > 0; off >>= 1) {  // Chan's parallel merge
-      const acc_t count_o = __shfl_xor_sync(0xffffffffu, count, off);
-      const acc_t avg_o = __shfl_xor_sync(0xffffffffu, avg, off);
-      const acc_t m2_o = __shfl_xor_sync(0xffffffffu, m2, off);
-      const acc_t n = count + count_o;
-      if (n > acc_t(0)) {
-        const acc_t delta = avg_o - avg;
-        const acc_t frac = count_o / n;
-        avg += delta * frac;
-        m2 += m2_o + delta * delta * count * frac;
-      }
-      count = n;
-    }
-    // Every lane holds the merged result up to rounding; take lane 0's everywhere.
   }
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off >>= 1) {  // Chan's parallel merge
+    const acc_t count_o = __shfl_xor_sync(0xffffffffu, count, off);
+    const acc_t avg_o = __shfl_xor_sync(0xffffffffu, avg, off);
+    const acc_t m2_o = __shfl_xor_sync(0xffffffffu, m2, off);
+    const acc_t n = count + count_o;
+    if (n > acc_t(0)) {
+      const acc_t delta = avg_o - avg;
+      const acc_t frac = count_o / n;
+      avg += delta * frac;
+      m2 += m2_o + delta * delta * count * frac;
+    }
+    count = n;
+  }
+  // Every lane holds the merged result up to rounding; take lane 0's everywhere.
   const acc_t mu = __shfl_sync(0xffffffffu, avg, 0);
   m2 = __shfl_sync(0xffffffffu, m2, 0);
   const acc_t rs = inv_sqrt<acc_t>(m2 / static_cast<acc_t>(N) + eps);
@@ -135,6 +134,17 @@ __global__ void rows_forward_kernel(LevelPtrs<T> src, int64_t level0, const T* g
     }
     *reinterpret_cast<Pack<T, VEC>*>(o + jv * VEC) = ov;
   }
+}
+
+// Shared-memory slot of column j = jv * VEC + k in a warp's column sums: element k of
+// pack jv goes to k * nv + jv, so the 32 lanes (consecutive jv) hit 32 banks; the
+// block's final reduction maps the slots back to columns (column_slot).
+__device__ __forceinline__ int64_t sum_slot(int64_t jv, int k, int64_t nv) {
+  return static_cast<int64_t>(k) * nv + jv;
+}
+template <int VEC>
+__device__ __forceinline__ int64_t column_slot(int64_t j, int64_t nv) {
+  return (j % VEC) * nv + j / VEC;
 }
 
 // LayerNorm backward of one row by one warp: o = rstd * (a - mean(a) - xhat * mean(a * xhat)),
@@ -173,10 +183,10 @@ __device__ __forceinline__ void ln_backward_row(const T* x, const T* gr, const T
       const acc_t xh = (static_cast<acc_t>(xv.v[k]) - mu) * rs;
       ov.v[k] = static_cast<T>(rs * (a - c1 - xh * c2));
       if (acc != nullptr) {
-        const int64_t j = jv * VEC + k;
-        acc[j] += g * xh;
-        acc[N + j] += g;
-        acc[2 * N + j] += static_cast<acc_t>(ov.v[k]);
+        const int64_t i = sum_slot(jv, k, nv);
+        acc[i] += g * xh;
+        acc[N + i] += g;
+        acc[2 * N + i] += static_cast<acc_t>(ov.v[k]);
       }
     }
     *reinterpret_cast<Pack<T, VEC>*>(o + jv * VEC) = ov;
@@ -223,6 +233,7 @@ __global__ void fold_epilogue_kernel(T* out, int64_t level0, const acc_t* mean, 
 template <typename T, typename acc_t, int VEC>
 struct ScaleRowsOp {
   static constexpr int kSums = 2;
+  static constexpr int kVec = VEC;
   const T* grad;
   const acc_t* mean;
   const acc_t* rstd;
@@ -231,16 +242,17 @@ struct ScaleRowsOp {
                                              acc_t* acc) const {
     const int64_t r = l * M + m;
     const acc_t mu = mean[r], rs = rstd[r];
-    for (int64_t jv = lane; jv < N / VEC; jv += kWarp) {
+    const int64_t nv = N / VEC;
+    for (int64_t jv = lane; jv < nv; jv += kWarp) {
       const Pack<T, VEC> gv = load_pack<T, VEC>(grad + r * N + jv * VEC);
       Pack<T, VEC> ov;
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        const int64_t j = jv * VEC + k;
+        const int64_t i = sum_slot(jv, k, nv);
         const acc_t g = static_cast<acc_t>(gv.v[k]);
         ov.v[k] = static_cast<T>(rs * g);
-        acc[j] += g;
-        acc[N + j] += mu * static_cast<acc_t>(ov.v[k]);
+        acc[i] += g;
+        acc[N + i] += mu * static_cast<acc_t>(ov.v[k]);
       }
       *reinterpret_cast<Pack<T, VEC>*>(dst + r * N + jv * VEC) = ov;
     }
@@ -251,6 +263,7 @@ struct ScaleRowsOp {
 template <typename T, typename acc_t, int VEC>
 struct PostBackwardOp {
   static constexpr int kSums = 3;
+  static constexpr int kVec = VEC;
   LevelPtrs<T> src;  // indexed from level0
   int64_t level0;
   const T* grad;
@@ -287,9 +300,10 @@ __global__ void rows_col_sums_kernel(Op op, int64_t level0, int64_t M, int64_t N
   __syncthreads();
   acc_t* out = partial + (l * chunks + chunk) * width;
   for (int64_t i = tid; i < width; i += kWarp * kColWarps) {
-    acc_t v = smem[i];
+    const int64_t slot = (i / N) * N + column_slot<Op::kVec>(i % N, N / Op::kVec);
+    acc_t v = smem[slot];
 #pragma unroll
-    for (int w = 1; w < kColWarps; ++w) v += smem[w * width + i];
+    for (int w = 1; w < kColWarps; ++w) v += smem[w * width + slot];
     out[i] = v;
   }
 }

@@ -113,25 +113,47 @@ def test_stacked_input_and_weights_only(norm):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def _error_vs_fp64(args, norm, dtype, backend, frozen=False):
+def _error_vs_fp64(args, norm, dtype, backend, frozen=False, device="cpu"):
     """Output and gradients (z unless frozen, then every parameter) of ``backend`` run in
     ``dtype`` on ``args`` (fp64 tensors holding ``dtype``-representable values), as fp64."""
     def cast(t, grad):
-        return t.detach().to(dtype).requires_grad_(grad)
+        return t.detach().to(device, dtype).requires_grad_(grad)
 
     z = args[0]
     z = cast(z, not frozen) if isinstance(z, torch.Tensor) else [cast(t, not frozen) for t in z]
     params = [cast(p, True) for p in args[1:]]
     out = vk.ladder_projection(z, *params, norm=norm, backend=backend)
     g = torch.Generator().manual_seed(3)
-    gout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(dtype)
+    gout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(device, dtype)
     leaves = ([] if frozen else (list(z) if isinstance(z, list) else [z])) + params
-    return [out.double()] + [t.double() for t in torch.autograd.grad(out, leaves, gout)]
+    return [out.double().cpu()] + [t.double().cpu() for t in torch.autograd.grad(out, leaves, gout)]
 
 
 # Large-mean inputs: z has mean 40, std 1 (mean >> std), where folding the LayerNorm into the
 # GEMM (out = rstd * (z Wg^T - mean * s) + c) would cancel catastrophically in a 16-bit
 # GEMM output if the mean were not taken out in fp32.
+def _check_large_mean(norm, dtype, layout, frozen, device="cpu", lead=(4, 9), dim=37, dout=19):
+    base = _inputs(3, norm, torch.float64, lead=lead, dim=dim, dout=dout, stacked=layout == "stacked",
+                   grad=False)
+
+    def rounded(t, shift=0.0):  # the inputs every run sees: dtype-representable values
+        return (t + shift).to(dtype).double()
+
+    z = rounded(base[0], 40.0) if layout == "stacked" else [rounded(t, 40.0) for t in base[0]]
+    args = (z,) + tuple(rounded(p) for p in base[1:])
+    ref = _error_vs_fp64(args, norm, torch.float64, "eager", frozen)
+    ext = _error_vs_fp64(args, norm, dtype, "extension", frozen, device)
+    eag = _error_vs_fp64(args, norm, dtype, "eager", frozen, device)
+    floor = 2e-4 if dtype == torch.float32 else 2e-3
+    names = ["out"] + ([] if frozen else ["z"]) + ["ln_weight", "ln_bias", "w_proj", "b_proj"]
+    for name, r, x, e in zip(names, ref, ext, eag):
+        assert x.shape == r.shape, name
+        scale = r.abs().max().item()
+        err_x = (x - r).abs().max().item()
+        err_e = (e - r).abs().max().item()
+        assert err_x <= 2 * err_e + floor * scale, f"{name}: extension {err_x:.3g} vs eager {err_e:.3g} (scale {scale:.3g})"
+
+
 @needs_ext
 @pytest.mark.parametrize("layout", ["list", "stacked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -142,24 +164,17 @@ def test_large_mean_every_gradient_vs_eager(norm, dtype, layout, frozen):
     reference on the same rounded inputs: the extension's error is at most twice eager's
     in the same dtype (plus a small floor). Odd D, 3 levels, z as a list of level tensors
     or as one strided (L, ..., D) block."""
-    base = _inputs(3, norm, torch.float64, lead=(4, 9), dim=37, dout=19, stacked=layout == "stacked",
-                   grad=False)
-    def rounded(t, shift=0.0):  # the inputs every run sees: dtype-representable values
-        return (t + shift).to(dtype).double()
+    _check_large_mean(norm, dtype, layout, frozen)
 
-    z = rounded(base[0], 40.0) if layout == "stacked" else [rounded(t, 40.0) for t in base[0]]
-    args = (z,) + tuple(rounded(p) for p in base[1:])
-    ref = _error_vs_fp64(args, norm, torch.float64, "eager", frozen)
-    ext = _error_vs_fp64(args, norm, dtype, "extension", frozen)
-    eag = _error_vs_fp64(args, norm, dtype, "eager", frozen)
-    floor = 2e-4 if dtype == torch.float32 else 2e-3
-    names = ["out"] + ([] if frozen else ["z"]) + ["ln_weight", "ln_bias", "w_proj", "b_proj"]
-    for name, r, x, e in zip(names, ref, ext, eag):
-        assert x.shape == r.shape, name
-        scale = r.abs().max().item()
-        err_x = (x - r).abs().max().item()
-        err_e = (e - r).abs().max().item()
-        assert err_x <= 2 * err_e + floor * scale, f"{name}: extension {err_x:.3g} vs eager {err_e:.3g} (scale {scale:.3g})"
+
+@needs_ext
+@pytest.mark.skipif(not torch.cuda.is_available() or not STATUS["cuda"],
+                    reason="needs a GPU and the CUDA kernels of the extension")
+@pytest.mark.parametrize("dim", [768, 771])  # 16-byte accesses / element by element
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_cuda_large_mean_vs_eager(norm, dim):
+    """The CUDA kernels: several 256-row chunks per level (column sums across blocks)."""
+    _check_large_mean(norm, torch.bfloat16, "list", False, device="cuda", lead=(3, 197), dim=dim, dout=320)
 
 
 @needs_ext
