@@ -16,8 +16,8 @@
 // Launches: statistics (reads z), one GEMM (reads z, writes out), epilogue (reads and
 // writes out); no bias operand, so no expanded-bias copy into the output.
 // Pre norm, backward: with G = rstd * g (scaled rows of the output gradient, z's
-// dtype) and u = sum_m mean[m] G[m], H = g^T xhat = G^T z - u 1^T is one GEMM per level
-// with fp32 output (mm_acc) over the saved z itself; then, all in fp32,
+// dtype) and u = sum_m mean[m] G[m], H = g^T xhat = G^T z - u 1^T comes from one GEMM
+// per level with fp32 output (mm_acc) over the saved z itself; then, all in fp32,
 //   dW = H * gamma + gsum beta^T,  dgamma = sum_j W * H,  dbeta = gsum W,  db = gsum,
 // gsum = sum_m g, cast to the parameter dtype at the end. dz (only when z needs it)
 // is rows_backward over g W.
@@ -35,7 +35,9 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/addcmul.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/stack.h>
 #include <ATen/ops/sum.h>
 #include <c10/util/Exception.h>
 
@@ -221,12 +223,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ladder_ba
       prims.scale_rows(g, mean, rstd, gs, sums);
       for (int64_t l = 0; l < s.L; ++l) prims.mm_acc(h.select(0, l), gs.select(0, l).t(), z[l]);
     }
+    // h holds G^T z; H = h - u 1^T is never formed: with gsum = sums[:, 0], u = sums[:, 1],
+    //   dW = h * gamma + (gsum beta^T - u gamma^T),  dgamma = sum_j W * h - u W,
+    //   dbeta = gsum W: the rank-2 terms by one small bmm each.
     const at::Tensor gsum = sums.select(1, 0);
-    h.sub_(sums.select(1, 1).unsqueeze(2));
+    const at::Tensor lnp = at::stack({ln_bias.to(acc), ln_weight.to(acc)}, 1);  // (L, 2, D)
+    const at::Tensor coef = at::stack({gsum, -sums.select(1, 1)}, 2);          // (L, d, 2)
     grad_b = gsum.to(st);
-    grad_w = (h * ln_weight.to(acc).unsqueeze(1) + gsum.unsqueeze(2) * ln_bias.to(acc).unsqueeze(1)).to(st);
-    dgamma = (h * w_acc).sum(1);
-    dbeta = at::bmm(gsum.unsqueeze(1), w_acc).squeeze(1);
+    grad_w = at::addcmul(at::bmm(coef, lnp), h, ln_weight.to(acc).unsqueeze(1)).to(st);
+    const at::Tensor gw = at::bmm(coef.transpose(1, 2), w_acc);  // (L, 2, D): gsum W, -u W
+    dbeta = gw.select(1, 0);
+    dgamma = (h * w_proj).sum(1) + gw.select(1, 1);
     if (input_grad) {
       grad_z = at::bmm(g, w_proj);  // dxn (L, M, D)
       prims.rows_backward(grad_z, as_vector(z), ln_weight, mean, rstd, grad_z);  // in place: dz

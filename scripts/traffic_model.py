@@ -109,8 +109,8 @@ def ladder_pre_bwd():
     return [("G = rstd g; column sums of g, mean G", Y_LAD + STATS, Y_LAD + 2 * COLS),
             ("sum of the chunk partials", 2 * COLS, 0),
             ("H = G^T z (GEMM per level, fp32 out)", Y_LAD + Z_LAD, W_EL * F4),
-            # H - u, dW, dgamma, dbeta (fp32 ATen ops over (L, d, D)), W to fp32
-            ("dW, dgamma, dbeta from H (ATen, fp32)", W_EL * 38, W_EL * 26)]
+            # W to fp32, rank-2 terms (bmm), addcmul, cast, W * H summed over d (ATen, fp32)
+            ("dW, dgamma, dbeta from H (ATen, fp32)", W_EL * 24, W_EL * 18)]
 
 
 def ladder_post_fwd():
