@@ -124,6 +124,30 @@ def _estimate_cases():
                 yield pytest.param(bb, preset, ESTIMATE_FRAMES, backend, id=f"{bb}-{preset}-T{ESTIMATE_FRAMES}-{backend}")
 
 
+OPTION_CASES = (
+    # (backbone, preset, frames, adapt options over the preset's): the recompute options at the
+    # papers' batch, each beside the preset's own step (its row in the main table)
+    ("ViT-B-16", "st_adapter_12x384", 8, {"checkpoint_every": 2}),
+    ("ViT-B-16", "st_adapter_12x384", 8, {"checkpointing": True}),
+    ("ViT-B-16", "side4video_light", 8, {"checkpointing": True}),
+    ("ViT-B-16", "side4video_light", 8, {"checkpointing": True, "recompute_levels": True}),
+    ("ViT-L-14", "side4video", 8, {"checkpointing": True}),
+    ("ViT-L-14", "side4video", 8, {"checkpointing": True, "recompute_levels": True}),
+    ("EVA02-E-14", "side4video_light", 8, {"tower_chunk": 16}),
+    ("EVA02-E-14", "side4video_light", 16, {}),
+    ("EVA02-E-14", "side4video_light", 16, {"tower_chunk": 32}),
+)
+"""The recompute-option rows of the estimate report (``benchmarks.report.options_markdown``)."""
+
+
+def _variant(options: dict) -> str:
+    return ",".join(f"{k}={options[k]}" for k in sorted(options))
+
+
+def _estimate_key(r: dict) -> tuple:
+    return (r["backbone"], r["method"], str(r["frames"]), r["backend"], str(r["batch"]), r.get("variant", ""))
+
+
 @pytest.fixture(scope="module")
 def estimate_records(bench_env):
     """Collects the paper-sized estimates; writes them to results/estimate/ once all ran."""
@@ -134,9 +158,7 @@ def estimate_records(bench_env):
     directory = common.results_dir(report.ESTIMATE_DIR)
     header = {"suite": "vpeft estimated training step (benchmarks/bench_e2e.py::test_estimated_step)",
               "label": report.ESTIMATE_LABEL, "env": bench_env}
-    data = common.merge_records(directory / report.ESTIMATE_FILE, records,
-                                lambda r: (r["backbone"], r["method"], str(r["frames"]), r["backend"],
-                                           str(r["batch"])), header)
+    data = common.merge_records(directory / report.ESTIMATE_FILE, records, _estimate_key, header)
     report.write_estimates(data, directory)
     print(f"\nvpeft estimates: {len(records)} case(s) written to {directory}")
 
@@ -153,6 +175,27 @@ def test_estimated_step(benchmark, estimate_records, bench_env, backbone, preset
     rep = benchmark.pedantic(lambda: memory.estimate_step(preset, backbone, frames, backend=backend),
                              rounds=1, iterations=1, warmup_rounds=0)
     rec = rep.summary()
+    rec["env"] = {k: bench_env[k] for k in ("device", "torch", "git_commit", "date_utc", "command")}
+    benchmark.extra_info.update({k: rec.get(k) for k in ("batch", "peak_allocated_gb", "saved_bytes", "flops")})
+    estimate_records.append(rec)
+    assert rep.peak_allocated_bytes >= rep.categories["weights"] > 0
+
+
+def _option_cases():
+    for bb, preset, frames, options in OPTION_CASES:
+        for backend in BACKENDS:
+            yield pytest.param(bb, preset, frames, options, backend,
+                               id=f"{bb}-{preset}-T{frames}-{_variant(options) or 'preset'}-{backend}")
+
+
+@pytest.mark.parametrize("backbone,preset,frames,options,backend", list(_option_cases()))
+def test_estimated_option_step(benchmark, estimate_records, bench_env, backbone, preset, frames, options, backend):
+    """A paper-sized step with a recompute option over the preset's, estimated on fake tensors (any machine)."""
+    benchmark.group = f"estimate {backbone} T{frames} options"
+    rep = benchmark.pedantic(lambda: memory.estimate_step(preset, backbone, frames, backend=backend, options=options),
+                             rounds=1, iterations=1, warmup_rounds=0)
+    rec = rep.summary()
+    rec["variant"] = _variant(options) or "preset"
     rec["env"] = {k: bench_env[k] for k in ("device", "torch", "git_commit", "date_utc", "command")}
     benchmark.extra_info.update({k: rec.get(k) for k in ("batch", "peak_allocated_gb", "saved_bytes", "flops")})
     estimate_records.append(rec)

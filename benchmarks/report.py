@@ -201,9 +201,11 @@ def write_device(data: dict, directory: Path) -> Tuple[Path, Path]:
     return md, png
 
 
-def _find(recs: Iterable[dict], backbone: str, method: str, frames: int, backend: str) -> Optional[dict]:
+def _find(recs: Iterable[dict], backbone: str, method: str, frames: int, backend: str,
+          variant: str = "") -> Optional[dict]:
     for r in recs:
-        if (r["backbone"], r["method"], r["frames"], r["backend"]) == (backbone, method, frames, backend):
+        if (r["backbone"], r["method"], r["frames"], r["backend"], r.get("variant", "")) == (
+                backbone, method, frames, backend, variant):
             return r
     return None
 
@@ -306,8 +308,13 @@ def _opts(r: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in o.items()) or "-"
 
 
+def _base(recs: Iterable[dict]) -> List[dict]:
+    """The preset rows of the estimate records (not the recompute-option variants)."""
+    return [r for r in recs if not r.get("variant")]
+
+
 def _case_keys(recs: List[dict]) -> List[tuple]:
-    return sorted({(r["backbone"], r["method"], r["frames"]) for r in recs},
+    return sorted({(r["backbone"], r["method"], r["frames"]) for r in _base(recs)},
                   key=lambda k: _order(dict(backbone=k[0], method=k[1], frames=k[2], backend="")))
 
 
@@ -340,6 +347,47 @@ def estimates_markdown(data: dict, root: Path = RESULTS) -> List[str]:
                      f"{'' if flops is None else f'{flops / 1e12:.1f}'} | {'' if paper is None else f'{paper} GB'} | "
                      f"{'; '.join(meas) or 'none yet'} | {took} |")
     return lines
+
+
+def options_markdown(data: dict) -> List[str]:
+    """The recompute-option rows: peak and saved bytes with each option, eager / fused, and the
+    FLOPs of the step over those of the preset's own step at the same size (same backend)."""
+    recs = [r for r in data.get("records", []) if r.get("variant")]
+    if not recs:
+        return []
+    keys = sorted({(r["backbone"], r["method"], r["frames"], r["variant"]) for r in recs},
+                  key=lambda k: (_order(dict(backbone=k[0], method=k[1], frames=k[2], backend="")), k[3]))
+    lines = ["| method | backbone | frames | batch | options over the preset's | estimated peak GB eager / fused | "
+             "saved for backward GB eager / fused | preset's own peak GB eager / fused | FLOPs over the "
+             "preset's step | estimate took |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for bb, method, frames, variant in keys:
+        e, f = (_find(recs, bb, method, frames, b, variant) for b in ("eager", "fused"))
+        base_e, base_f = (_find(data["records"], bb, method, frames, b) for b in ("eager", "fused"))
+        any_r = e or f
+        gb = lambda r, k: "-" if r is None else f"{r[k] / 1e9:.2f}"  # noqa: E731
+        ratio = "-"
+        for r, b in ((e, base_e), (f, base_f)):
+            if r and b and r.get("flops") and b.get("flops") and r["batch"] == b["batch"]:
+                ratio = f"{r['flops'] / b['flops']:.2f}x"
+                break
+        took = " / ".join(f"{r['seconds']:.0f} s" for r in (e, f) if r is not None)
+        lines.append(f"| {METHOD_NAMES.get(method, method)} | {bb} | {frames} | {any_r['batch']} | "
+                     f"{variant if variant != 'preset' else '(the preset at this size)'} | "
+                     f"{gb(e, 'peak_allocated_bytes')} / {gb(f, 'peak_allocated_bytes')} | "
+                     f"{gb(e, 'saved_bytes')} / {gb(f, 'saved_bytes')} | "
+                     f"{gb(base_e, 'peak_allocated_bytes')} / {gb(base_f, 'peak_allocated_bytes')} | {ratio} | {took} |")
+    return lines
+
+
+def _options_section(data: dict) -> List[str]:
+    rows = options_markdown(data)
+    if not rows:
+        return []
+    return ["", "#### Recompute options (estimated the same way)", "",
+            "What each option of `vpeft.adapt` removes from the step above (`vpeft/memory_options.py` says "
+            "what it saves and costs); FLOPs counted by `torch.utils.flop_counter` on the same fake step (fused "
+            "custom ops count 0, so the ratio is the eager one when both exist). One row: `vpeft estimate "
+            "--method PRESET --backbone BACKBONE --frames F --option KEY=VALUE`.", ""] + rows
 
 
 def plot_estimates(data: dict, path: Path) -> Path:
@@ -378,7 +426,8 @@ def write_estimates(data: dict, directory: Path) -> Tuple[Path, Path]:
     md.write_text("\n".join([f"# Training-step memory, {ESTIMATE_LABEL}", "",
                              f"- command: `{env.get('command')}`", f"- torch: `{env.get('torch')}`",
                              f"- git commit: `{env.get('git_commit')}`", f"- date (UTC): `{env.get('date_utc')}`",
-                             f"- machine: `{env.get('device')}`", ""] + estimates_markdown(data)) + "\n")
+                             f"- machine: `{env.get('device')}`", ""] + estimates_markdown(data)
+                            + _options_section(data)) + "\n")
     return md, plot_estimates(data, directory / "memory.png")
 
 
@@ -402,7 +451,7 @@ def memory_section(root: Path = RESULTS) -> str:
               "allocated), cuBLAS/cuDNN/flash workspaces, the CUDA context (~0.5 GB). The papers' column is "
               "METHODS.md section 4 (A100, SSv2; it does not say which ST-Adapter preset). GB = 10^9 bytes.", "",
               f"![estimated training-step memory](benchmarks/results/{ESTIMATE_DIR}/memory.png)", ""]
-    lines += estimates_markdown(data, root) + ["", MEM_END]
+    lines += estimates_markdown(data, root) + _options_section(data) + ["", MEM_END]
     return "\n".join(lines)
 
 

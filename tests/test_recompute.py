@@ -291,6 +291,11 @@ def test_plan_tries_the_untaken_recompute_options():
     from vpeft.plan import memory_saving_alternatives
 
     assert [lbl for lbl, _ in untaken("side4video", {"stream": True, "checkpointing": True})] == ["tower_chunk=16"]
+    # sized for the step: 4 chunks of whole clips at batch 129 x 8 frames (33 clips = 264 frames)
+    assert untaken("side4video", {"stream": True, "checkpointing": True}, batch=129, frames=8) == [
+        ("tower_chunk=264", {"tower_chunk": 264})]
+    assert untaken("side4video", {"stream": True, "checkpointing": True}, batch=2, frames=8) == [
+        ("tower_chunk=16", {"tower_chunk": 16})]
     assert [lbl for lbl, _ in untaken("st_adapter", {"checkpointing": True})] == []
     alts = memory_saving_alternatives("st_adapter_12x384", "ViT-B-16", {"preset": "12x384"}, "eager", 8)
     assert [lbl for lbl, _ in alts] == ["checkpoint_every=2", "checkpointing", "backend fused", "frames 4"]

@@ -423,7 +423,10 @@ class _NoModuleTracking:
         return None
 
 
-def _flop_counter():
+def flop_counter():
+    """A ``torch.utils.flop_counter.FlopCounterMode`` that does not track modules: its module
+    tracker's gradient hooks would keep the blocks that activation checkpointing recomputes
+    in backward alive until the step ends (and so change the memory of the step counted)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
@@ -519,6 +522,30 @@ def _backend_choices(backend: str, kernels: Optional[Dict[str, str]] = None) -> 
     return choices
 
 
+def _warm_optimizer(optimizer: torch.optim.Optimizer, params: List[torch.Tensor]) -> None:
+    """Leave ``optimizer`` holding the state one step over ``params`` would create.
+
+    For plain Adam/AdamW (not fused, capturable or amsgrad) the state is created directly,
+    as ``torch.optim.Adam._init_group`` does (``step`` a host scalar, ``exp_avg`` and
+    ``exp_avg_sq`` zeros like the parameter): a foreach step over hundreds of fake
+    tensors costs seconds per probe. Any other optimizer takes one real step from zero
+    gradients. ``tests/test_memory.py`` checks that both warm-ups leave the same bytes.
+    """
+    direct = type(optimizer) in (torch.optim.Adam, torch.optim.AdamW) and not any(
+        g.get("amsgrad") or g.get("fused") or g.get("capturable") or g.get("differentiable")
+        for g in optimizer.param_groups)
+    if not direct:
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return
+    for p in params:
+        optimizer.state[p] = {"step": torch.tensor(0.0, dtype=torch.float32, device="cpu"),
+                              "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                              "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+
 class StepEstimator:
     """One benchmark case, built once, whose training step can be estimated at any batch.
 
@@ -559,6 +586,9 @@ class StepEstimator:
         if fake:
             fakeify(self.vm, self.fake_mode)
         self.build_seconds = time.perf_counter() - start
+        self.trainable_bytes = sum(round_block(p.numel() * p.element_size())
+                                   for p in self.vm.parameters() if p.requires_grad)
+        """Bytes of the gradients of every trainable parameter (what one full set of ``.grad`` holds)."""
         self.stepped: Optional[List[int]] = None
         """Positions (in the trainable parameters) of those that get a gradient; known after a
         run, or copied from an estimator of the same method and backbone."""
@@ -640,10 +670,8 @@ class StepEstimator:
                 if warmup == "step":
                     step()
                 else:  # every parameter gets a gradient unless a step has shown otherwise
-                    for i in (range(len(step.params)) if assumed else self.stepped):
-                        step.params[i].grad = torch.zeros_like(step.params[i])
-                    step.optimizer.step()
-                    step.optimizer.zero_grad(set_to_none=True)
+                    _warm_optimizer(step.optimizer,
+                                    [step.params[i] for i in (range(len(step.params)) if assumed else self.stepped)])
                 if self.emulate_cuda:  # AdamW's step counters: host tensors in a CUDA run
                     for st in step.optimizer.state.values():
                         if isinstance(st.get("step"), torch.Tensor):
@@ -656,7 +684,7 @@ class StepEstimator:
                 hooks += [p.register_post_accumulate_grad_hook(lambda p, i=i: got_grad.add(i))
                           for i, p in enumerate(step.params)]
                 if count_flops:
-                    fc = _flop_counter()
+                    fc = flop_counter()
                     with fc:
                         step()
                     flops = int(fc.get_total_flops())

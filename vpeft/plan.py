@@ -15,8 +15,9 @@ batch, so a batch that fits means every smaller one fits too (the search relies 
 Without a CUDA device (or with ``--estimate``) every probe is an estimate instead: the
 bytes one training step allocates, counted exactly on fake tensors by :mod:`vpeft.memory`
 (no GPU, no real allocation; allocator overhead not included). The estimate-based
-search guesses the answer by secant steps on the estimated peaks (from batch 1 and 2)
-and confirms the boundary around it, so it needs few probes. It prints the breakdown at the batch
+search probes the papers' batch first, guesses the answer by a straight line through it
+and the bytes that do not grow with the batch, refines the guess by secant steps, and
+confirms the boundary around it: three to five probes. It prints the breakdown at the batch
 found, then which of the method's own options (checkpointing, streaming, the fused
 backend, fewer frames) would fit a larger batch. With a CUDA device the plan measures,
 and prints the estimate beside the measurement with their ratio.
@@ -299,16 +300,18 @@ def plan_measure(method: str, backbone: str, frames: int, budget_bytes: float, *
 
 
 def memory_saving_alternatives(method: str, backbone: str, options: dict, backend: str,
-                               frames: int) -> List[Tuple[str, dict]]:
+                               frames: int, batch: Optional[int] = None) -> List[Tuple[str, dict]]:
     """The method's own memory-saving choices not taken yet: ``(label, changes)`` where
-    ``changes`` has adapt ``options`` and/or ``backend`` / ``frames``."""
+    ``changes`` has adapt ``options`` and/or ``backend`` / ``frames`` (``batch``: the step
+    they are for, which sizes ``tower_chunk``)."""
     from .memory_options import untaken
     from .methods import get_method
     from .profiling import BACKBONES, method_options
 
     name = method_options(method, BACKBONES[backbone])[0]
     allowed = set(get_method(name).options)
-    out = [(label, {"options": extra}) for label, extra in untaken(name, options) if set(extra) <= allowed]
+    out = [(label, {"options": extra}) for label, extra in untaken(name, options, batch=batch, frames=frames)
+           if set(extra) <= allowed]
     if backend == "eager":
         out.append(("backend fused", {"backend": "fused"}))
     if frames > 1:
@@ -322,8 +325,8 @@ def plan_estimate(method: str, backbone: str, frames: int, budget_bytes: float, 
                   on_result: Optional[Callable[[dict], None]] = None) -> dict:
     """The largest batch whose estimated peak (:mod:`vpeft.memory`) fits ``budget_bytes``; no GPU needed.
 
-    Probes batch 1 and 2 and refines a guess by secant steps on the estimated peaks (a
-    few probes), then confirms the boundary with :func:`largest_fitting_batch`. The result carries the
+    Probes the papers' batch, guesses from it (see ``guess`` inside), refines by secant
+    steps on the estimated peaks (a few probes), then confirms the boundary with :func:`largest_fitting_batch`. The result carries the
     estimate at the batch found (``estimate``, with ``peak_allocated_bytes``,
     ``saved_bytes``, ``flops`` and ``breakdown`` at top level) and, with
     ``alternatives``, for every memory-saving option of the method not taken yet,
@@ -357,25 +360,49 @@ def plan_estimate(method: str, backbone: str, frames: int, budget_bytes: float, 
         return ok
 
     def guess(probe) -> int:
-        """Secant steps on the estimated peak: through batch 1 and 2, then through the largest
-        batch known to fit and the smallest known not to (or the two largest fits)."""
-        if not probe(1) or max_batch == 1:
-            return 1
-        probe(2)
+        """A first probe at the papers' batch, a straight line through it and the bytes that do
+        not grow with the batch (weights, optimizer state, gradients), then secant steps through
+        the largest batch known to fit and the smallest known not to (or the two nearest probes)."""
+        b0 = max(1, min(est.spec.batch, max_batch))
+        probe(b0)
+        r0 = reports[b0]
+        fixed = r0.categories.get("weights", 0) + r0.categories.get("optimizer_state", 0) + est.trainable_bytes
+        slope = (r0.peak_allocated_bytes - fixed) / b0
+        if slope <= 0:  # nothing grows with the batch at this size: probe twice as many
+            g = 2 * b0
+        else:
+            g = int((budget_bytes - fixed) // slope)
+        g = max(1, min(g, max_batch))
+        if g != b0:
+            probe(g)
         for _ in range(4):
             fit = sorted(b for b, r in reports.items() if r.peak_allocated_bytes <= budget_bytes)
             fail = sorted(b for b, r in reports.items() if r.peak_allocated_bytes > budget_bytes)
-            lo, hi = fit[-1], (fail[0] if fail else None)
-            if lo >= max_batch or (hi is not None and hi == lo + 1):
+            lo, hi = (fit[-1] if fit else 0), (fail[0] if fail else None)
+            if lo >= max_batch or (hi is not None and hi == lo + 1) or hi == 1:
                 break
-            b1, b2 = (lo, hi) if hi is not None else (fit[-2], lo)
+            if lo and hi is not None:
+                b1, b2 = lo, hi
+            elif hi is None:
+                b1, b2 = fit[-2], lo
+            else:
+                b1, b2 = hi, fail[1] if len(fail) > 1 else None
+                if b2 is None:  # one failure and no fit: scale down by the bytes over the fixed part
+                    p = reports[hi].peak_allocated_bytes
+                    g = max(1, int(hi * max(budget_bytes - fixed, 0) // max(p - fixed, 1)))
+                    g = min(g, hi - 1)
+                    if g in reports:
+                        break
+                    probe(g)
+                    continue
             p1, p2 = reports[b1].peak_allocated_bytes, reports[b2].peak_allocated_bytes
             g = b1 + int((budget_bytes - p1) * (b2 - b1) // max(p2 - p1, 1))
             g = max(lo + 1, min(g, (hi - 1) if hi is not None else max_batch))
             if g in reports:
                 break
             probe(g)
-        return max(b for b, r in reports.items() if r.peak_allocated_bytes <= budget_bytes)
+        fits_known = [b for b, r in reports.items() if r.peak_allocated_bytes <= budget_bytes]
+        return max(fits_known) if fits_known else 1
 
     search = largest_fitting_batch(fits, max_batch=max_batch, guess=guess)
     out = dict(method=method, backbone=backbone, frames=frames, dtype=dtype, backend=backend,
@@ -398,7 +425,7 @@ def plan_estimate(method: str, backbone: str, frames: int, budget_bytes: float, 
     target = search.first_failure
     if alternatives and target is not None:
         log(f"checking which options would fit batch {target}:")
-        for label, change in memory_saving_alternatives(method, backbone, est.options, backend, frames):
+        for label, change in memory_saving_alternatives(method, backbone, est.options, backend, frames, target):
             opts = {**(options or {}), **change.get("options", {})}
             try:
                 alt = memory.StepEstimator(method, backbone, change.get("frames", frames),

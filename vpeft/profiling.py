@@ -223,9 +223,9 @@ def count_step_flops(step: TrainingStep) -> int:
     backend so that the number is the method's, not a kernel's (fused custom ops have
     no FLOP formula).
     """
-    from torch.utils.flop_counter import FlopCounterMode
+    from .memory import flop_counter
 
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()  # no module tracking: it would keep recomputed blocks alive
     with counter:
         step()
     return int(counter.get_total_flops())
