@@ -1,28 +1,44 @@
 // Host flow of the ladder projection, shared by the CPU and the CUDA builds: argument
-// checks, the GEMMs (ATen bmm/baddbmm/addmm: MKL/oneDNN on CPU, cuBLAS on CUDA, with
-// the bias as the GEMM's C operand), and calls into the device's LayerNorm primitives
-// (see ladder.h). Pre norm: the LayerNorm kernel writes the normalised rows of all
-// levels into one (L, M, D) block, so the projection is one strided batched GEMM.
-// Post norm: the GEMM reads z itself: one batched GEMM when the levels are one strided
-// block (a stacked z), else one GEMM per level on the caller's tensors, never a copy.
+// checks, the GEMMs (ATen mm/bmm/addmm: MKL/oneDNN on CPU, cuBLAS on CUDA) and calls
+// into the device's row / column primitives (see ladder.h).
+//
+// Pre norm, forward: the LayerNorm is folded into the projection, so the normalised
+// copy of z is never written. With xhat = rstd * (z - mean), Wg = gamma * W (per
+// column k of W), s = Wg 1 and c = W beta + b:
+//   out = xhat Wg^T + c = rstd * (z Wg^T - mean * s) + c.
+// z is the raw input: when |mean| >> std the two terms cancel. The GEMM therefore uses
+// the row-centred weights Wc = Wg - (s / D) 1^T (rounded to z's dtype): z Wc^T is
+// invariant to adding a constant to a row of z, so the GEMM output is of the size of
+// the result, not of mean * s, and may be rounded to z's dtype; what is left of the
+// mean, mean * s' with s' = Wc 1 summed in fp32 from the rounded Wc (nonzero only by
+// rounding), is removed in fp32 by the epilogue:
+//   out = rstd * (z Wc^T - mean * s') + c          (fold_epilogue, in place)
+// Launches: statistics (reads z), one GEMM (reads z, writes out), epilogue (reads and
+// writes out); no bias operand, so no expanded-bias copy into the output.
+// Pre norm, backward: with G = rstd * g (scaled rows of the output gradient, z's
+// dtype) and u = sum_m mean[m] G[m], H = g^T xhat = G^T z - u 1^T comes from one GEMM
+// per level with fp32 output (mm_acc) over the saved z itself; then, all in fp32,
+//   dW = H * gamma + gsum beta^T,  dgamma = sum_j W * H,  dbeta = gsum W,  db = gsum,
+// gsum = sum_m g, cast to the parameter dtype at the end. dz (only when z needs it)
+// is rows_backward over g W.
+// Post norm: y = z W^T + b by one addmm per level (bias as a 1-D operand: cuBLASLt's
+// bias epilogue on CUDA), the LayerNorm in place. Backward: y recomputed the same way
+// (not saved), then one pass over (g, y) writes dy over y and sums dgamma, dbeta and
+// db (post_backward); dW = dy^T z and dz = dy W by GEMMs.
 //
 // Memory: the forward saves nothing itself; the autograd wrapper keeps the inputs and
-// the (L, M) statistics. Pre norm: the normalised rows xhat are recomputed in the
-// backward into one transient (L, M, D) buffer, reused for the input gradient; the
-// parameter gradients come from one GEMM over it (see ladder_backward). Post norm: the
-// GEMM output is recomputed (one more GEMM) instead of saved.
+// the (L, M) statistics.
 #include "ladder.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/addmm.h>
-#include <ATen/ops/baddbmm.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/addcmul.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/ones.h>
+#include <ATen/ops/stack.h>
 #include <ATen/ops/sum.h>
-#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
 namespace vpeft {
@@ -105,17 +121,29 @@ at::Tensor stacked_view(at::TensorList z, const Dims& s) {
   return z[0].as_strided({s.L, s.M, s.D}, {step, s.D, 1}, z[0].storage_offset());
 }
 
-// y (L, M, d) = z[l] @ W[l]^T + b[l]: one batched GEMM over levels when z is one
-// strided block, else one GEMM per level.
-at::Tensor project(at::TensorList z, const at::Tensor& zs, const at::Tensor& w_proj,
-                   const at::Tensor& b_proj, const Dims& s) {
-  if (zs.defined()) return at::baddbmm(b_proj.unsqueeze(1), zs, w_proj.transpose(1, 2));
+// y (L, M, d) = z[l] @ W[l]^T + b[l], one addmm per level with the bias as a 1-D
+// operand (at::baddbmm with an expanded bias would first copy it into the output).
+at::Tensor project(at::TensorList z, const at::Tensor& w_proj, const at::Tensor& b_proj,
+                   const Dims& s) {
   at::Tensor y = at::empty({s.L, s.M, s.d}, z[0].options());
   for (int64_t l = 0; l < s.L; ++l) {
     at::Tensor yl = y.select(0, l);
     at::addmm_out(yl, b_proj.select(0, l), z[l], w_proj.select(0, l).t());
   }
   return y;
+}
+
+// out (L, M, n) = z[l] @ w[l]^T: one batched GEMM when z is one strided block, else one
+// GEMM per level on the caller's tensors.
+void project_nobias(at::TensorList z, const at::Tensor& zs, const at::Tensor& w, at::Tensor& out) {
+  if (zs.defined()) {
+    at::bmm_out(out, zs, w.transpose(1, 2));
+    return;
+  }
+  for (size_t l = 0; l < z.size(); ++l) {
+    at::Tensor ol = out.select(0, l);
+    at::mm_out(ol, z[l], w.select(0, l).t());
+  }
 }
 
 std::vector<at::Tensor> as_vector(at::TensorList z) { return std::vector<at::Tensor>(z.begin(), z.end()); }
@@ -147,14 +175,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ladder_forward(
   at::Tensor mean = at::empty({s.L, s.M}, sopts);
   at::Tensor rstd = at::empty({s.L, s.M}, sopts);
   if (!post) {
-    at::Tensor xn = at::empty({s.L, s.M, s.D}, opts);  // transient, freed on return
-    prims.rows_forward(as_vector(z), ln_weight, ln_bias, mean, rstd, xn, eps, true);
-    // Bias as the GEMM's C operand (beta = 1), one batched GEMM over levels.
-    at::Tensor out = at::baddbmm(b_proj.unsqueeze(1), xn, w_proj.transpose(1, 2));
+    prims.rows_forward(as_vector(z), ln_weight, ln_bias, mean, rstd, at::Tensor(), eps);  // stats
+    // The folded weights (L, d, D), from the parameters in fp32 (see the top of the file).
+    const auto acc = stats_type(z[0].scalar_type());
+    const at::Tensor w_acc = w_proj.to(acc);
+    const at::Tensor wg = w_acc * ln_weight.to(acc).unsqueeze(1);
+    const at::Tensor wc = (wg - wg.mean({2}, true)).to(z[0].scalar_type());
+    const at::Tensor s_res = wc.sum({2}, false, acc);  // (L, d): row sums of the rounded Wc
+    const at::Tensor c = at::bmm(w_acc, ln_bias.to(acc).unsqueeze(2)).squeeze(2) + b_proj.to(acc);
+    at::Tensor out = at::empty({s.L, s.M, s.d}, opts);
+    project_nobias(z, stacked_view(z, s), wc, out);
+    prims.fold_epilogue(out, mean, rstd, s_res, c);
     return {out, mean, rstd};
   }
-  at::Tensor y = project(z, stacked_view(z, s), w_proj, b_proj, s);  // (L, M, d)
-  prims.rows_forward(y.unbind(0), ln_weight, ln_bias, mean, rstd, y, eps, true);
+  at::Tensor y = project(z, w_proj, b_proj, s);  // (L, M, d)
+  prims.rows_forward(y.unbind(0), ln_weight, ln_bias, mean, rstd, y, eps);
   return {y, mean, rstd};
 }
 
@@ -175,58 +210,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ladder_ba
   const at::Tensor g = grad_out.to(st).contiguous();
   auto opts = z[0].options();
   auto sopts = opts.dtype(stats_type(st));
-  const int64_t n_ln = post ? s.d : s.D;
-  at::Tensor dgamma = at::empty({s.L, n_ln}, sopts);
-  at::Tensor dbeta = at::empty({s.L, n_ln}, sopts);
-  at::Tensor grad_z, grad_w, grad_b;
+  at::Tensor dgamma, dbeta, grad_z, grad_w, grad_b;
 
   if (!post) {
-    // With xn = xhat * gamma + beta and out = xn @ W^T + b, every parameter gradient
-    // follows from H = g^T @ xhat (L, d, D), one batched GEMM over the recomputed xhat:
-    //   dW = H * gamma + gsum (x) beta,  dgamma = sum_k W * H,  dbeta = gsum @ W,
-    // with gsum = sum_m g (= db). No (M, D) gradient and no column reduction are needed
-    // for the parameters; dxn = g @ W is formed only when z needs its gradient.
     const auto acc = stats_type(st);
-    at::Tensor buf = at::empty({s.L, s.M, s.D}, opts);
-    const at::Tensor ones = at::ones({s.L, s.D}, opts), zeros = at::zeros({s.L, s.D}, opts);
-    prims.rows_forward(as_vector(z), ones, zeros, mean, rstd, buf, eps, false);  // xhat
-    const at::Tensor h = at::bmm(g.transpose(1, 2), buf).to(acc);  // (L, d, D)
-    const at::Tensor gsum = at::sum(g, {1}, false, acc);           // (L, d)
     const at::Tensor w_acc = w_proj.to(acc);
+    // H = g^T xhat = G^T z - u 1^T with G = rstd * g, u = sum_m mean G (see the top).
+    at::Tensor h = at::empty({s.L, s.d, s.D}, sopts);
+    at::Tensor sums = at::empty({s.L, 2, s.d}, sopts);
+    {
+      at::Tensor gs = at::empty({s.L, s.M, s.d}, opts);  // G, transient
+      prims.scale_rows(g, mean, rstd, gs, sums);
+      for (int64_t l = 0; l < s.L; ++l) prims.mm_acc(h.select(0, l), gs.select(0, l).t(), z[l]);
+    }
+    // h holds G^T z; H = h - u 1^T is never formed: with gsum = sums[:, 0], u = sums[:, 1],
+    //   dW = h * gamma + (gsum beta^T - u gamma^T),  dgamma = sum_j W * h - u W,
+    //   dbeta = gsum W: the rank-2 terms by one small bmm each.
+    const at::Tensor gsum = sums.select(1, 0);
+    const at::Tensor lnp = at::stack({ln_bias.to(acc), ln_weight.to(acc)}, 1);  // (L, 2, D)
+    const at::Tensor coef = at::stack({gsum, -sums.select(1, 1)}, 2);          // (L, d, 2)
     grad_b = gsum.to(st);
-    grad_w = (h * ln_weight.to(acc).unsqueeze(1) + gsum.unsqueeze(2) * ln_bias.to(acc).unsqueeze(1)).to(st);
-    dgamma = (h * w_acc).sum(1);
-    dbeta = at::bmm(gsum.unsqueeze(1), w_acc).squeeze(1);
+    grad_w = at::addcmul(at::bmm(coef, lnp), h, ln_weight.to(acc).unsqueeze(1)).to(st);
+    const at::Tensor gw = at::bmm(coef.transpose(1, 2), w_acc);  // (L, 2, D): gsum W, -u W
+    dbeta = gw.select(1, 0);
+    dgamma = (h * w_proj).sum(1) + gw.select(1, 1);
     if (input_grad) {
-      at::bmm_out(buf, g, w_proj);  // buf := dxn (L, M, D); xhat is no longer needed
-      prims.rows_backward(buf, as_vector(z), ln_weight, mean, rstd, buf);  // in place: dz
-      grad_z = buf;
+      grad_z = at::bmm(g, w_proj);  // dxn (L, M, D)
+      prims.rows_backward(grad_z, as_vector(z), ln_weight, mean, rstd, grad_z);  // in place: dz
     }
   } else {
+    at::Tensor y = project(z, w_proj, b_proj, s);  // recomputed GEMM output, not saved
+    at::Tensor sums = at::empty({s.L, 3, s.d}, sopts);
+    prims.post_backward(g, y.unbind(0), ln_weight, mean, rstd, y, sums);  // y := dy
+    dgamma = sums.select(1, 0);
+    dbeta = sums.select(1, 1);
+    grad_b = sums.select(1, 2).to(st);
     const at::Tensor zs = stacked_view(z, s);
-    at::Tensor y = project(z, zs, w_proj, b_proj, s);  // recomputed GEMM output
-    const std::vector<at::Tensor> yl = y.unbind(0);
-    prims.cols_backward(g, yl, mean, rstd, dgamma, dbeta);
-    prims.rows_backward(g, yl, ln_weight, mean, rstd, y);  // y := dy, in place
-    grad_b = at::sum(y, {1}, false, stats_type(st)).to(st);
     if (zs.defined()) {
       grad_w = at::bmm(y.transpose(1, 2), zs);
-      if (input_grad) grad_z = at::bmm(y, w_proj);
     } else {
       grad_w = at::empty({s.L, s.d, s.D}, opts);
-      if (input_grad) grad_z = at::empty({s.L, s.M, s.D}, opts);
       for (int64_t l = 0; l < s.L; ++l) {
         at::Tensor gw = grad_w.select(0, l);
         at::mm_out(gw, y.select(0, l).t(), z[l]);
-        if (input_grad) {
-          at::Tensor gz = grad_z.select(0, l);
-          at::mm_out(gz, y.select(0, l), w_proj.select(0, l));
-        }
       }
     }
+    if (input_grad) grad_z = at::bmm(y, w_proj);
   }
   if (!grad_z.defined()) grad_z = at::empty({0}, opts);
-  return {grad_z, dgamma.to(st), dbeta.to(st), grad_w, grad_b};
+  // dgamma, dbeta, grad_b may be views of the (L, k, n) column sums: contiguous results.
+  return {grad_z, dgamma.to(st).contiguous(), dbeta.to(st).contiguous(), grad_w, grad_b.contiguous()};
 }
 
 }  // namespace vpeft

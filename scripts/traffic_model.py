@@ -1,6 +1,8 @@
 """HBM traffic MODEL (an estimate, not a measurement) of the fused kernels as they are
 now, at the ViT-B/16 shapes of issue 16: M = 256*197 = 50,432 token rows, D = 768,
-ST-Adapter r = 384, MSTA r = 128, side width d = 320 (5 heads), N = 196, bf16.
+ST-Adapter r = 384, MSTA r = 128, side width d = 320 (5 heads), N = 196, bf16; the
+ladder projection with L = 12 levels (D -> d), frozen z (a byte-count model of the
+ATen / cuBLAS calls and kernels of csrc/ladder_flow.cpp, same rules).
 
     python scripts/traffic_model.py            # table (Markdown) on stdout
     python scripts/traffic_model.py --json F   # also the per-launch lists as JSON
@@ -86,10 +88,65 @@ def tsa_bwd():
             ("dxs = dqkv Wqkv", qkv, s), ("LayerNorm bwd", 3 * s, s)]
 
 
+# ---- ladder projection (csrc/, backend "extension"), pre norm unless named, frozen z ----
+# (Side4Video: no gradient into the backbone levels). L = 12 levels, d = DS = 320.
+LV = 12
+Z_LAD, Y_LAD = LV * M * D * B2, LV * M * DS * B2   # one (L, M, D) / (L, M, d) bf16 tensor
+W_EL = LV * DS * D                                  # elements of W (L, d, D)
+STATS = 2 * LV * M * F4                             # mean, rstd (L, M) fp32
+COLS = LV * -(-M // 256) * DS * F4                  # one fp32 column partial per 256-row chunk
+
+
+def ladder_pre_fwd():
+    return [("LayerNorm statistics (fp32, one pass)", Z_LAD, STATS),
+            # ATen ops over W: to fp32, * gamma, row mean, subtract, to bf16, row sums, W beta
+            ("folded weights Wc, s', c (ATen, fp32)", W_EL * 24, W_EL * 14),
+            ("out = z Wc^T (GEMM, no bias operand)", Z_LAD + W_EL * B2, Y_LAD),
+            ("epilogue rstd (out - mean s') + c, in place", Y_LAD + STATS, Y_LAD)]
+
+
+def ladder_pre_bwd():
+    return [("G = rstd g; column sums of g, mean G", Y_LAD + STATS, Y_LAD + 2 * COLS),
+            ("sum of the chunk partials", 2 * COLS, 0),
+            ("H = G^T z (GEMM per level, fp32 out)", Y_LAD + Z_LAD, W_EL * F4),
+            # W to fp32, rank-2 terms (bmm), addcmul, cast, W * H summed over d (ATen, fp32)
+            ("dW, dgamma, dbeta from H (ATen, fp32)", W_EL * 24, W_EL * 18)]
+
+
+def ladder_post_fwd():
+    return [("y = z W^T + b (addmm per level)", Z_LAD + W_EL * B2, Y_LAD),
+            ("LayerNorm over d, in place", Y_LAD, Y_LAD + STATS)]
+
+
+def ladder_post_bwd():
+    return [("recompute y (addmm per level)", Z_LAD + W_EL * B2, Y_LAD),
+            ("one pass: dy over y, dgamma/dbeta/db sums", 2 * Y_LAD + STATS, Y_LAD + 3 * COLS),
+            ("dW = dy^T z (GEMM)", Y_LAD + Z_LAD, W_EL * B2)]
+
+
+def ladder_pre_fwd_before():  # csrc as reviewed in issue 16, by the same rules
+    return [("LayerNorm writes xn (L, M, D)", Z_LAD, Z_LAD + STATS),
+            ("baddbmm: expanded bias copied into out", 0, Y_LAD),
+            ("baddbmm: out += xn W^T", Z_LAD + Y_LAD, Y_LAD)]
+
+
+def ladder_pre_bwd_before():
+    return [("recompute xhat (L, M, D)", Z_LAD + STATS, Z_LAD),
+            ("H = g^T xhat (bmm, bf16 out)", Y_LAD + Z_LAD, W_EL * B2),
+            ("gsum = sum_m g", Y_LAD, 0)]
+
+
+LADDER_OPS = {"ladder B/16 pre fwd": ladder_pre_fwd, "ladder B/16 pre bwd": ladder_pre_bwd,
+              "ladder B/16 post fwd": ladder_post_fwd, "ladder B/16 post bwd": ladder_post_bwd}
+LADDER_BEFORE = {"ladder B/16 pre fwd": ladder_pre_fwd_before, "ladder B/16 pre bwd": ladder_pre_bwd_before}
+
+
 ISSUE = {  # op: (ideal, as written before, eager, inductor) in MB, from the issue's table
     "ST-Adapter fwd": ("155", "658", "1548", "1031"), "ST-Adapter bwd": ("232", "1317", "2538", "1271"),
     "MSTA fwd": ("155", "181", "2351", "1090"), "MSTA bwd": ("232", "504", "3895", "1273"),
     "token-shift attention fwd": ("", "", "", ""), "token-shift attention bwd": ("", "", "", ""),
+    "ladder B/16 pre fwd": ("", "3950", "3960", ""), "ladder B/16 pre bwd": ("", "3570", "5170", ""),
+    "ladder B/16 post fwd": ("", "", "", ""), "ladder B/16 post bwd": ("", "", "", ""),
 }
 
 
@@ -100,6 +157,7 @@ def main(argv=None):
     ops = {"ST-Adapter fwd": st_fwd(), "ST-Adapter bwd": st_bwd(), "MSTA fwd": msta_fwd(),
            "MSTA bwd": msta_bwd(), "token-shift attention fwd": tsa_fwd(),
            "token-shift attention bwd": tsa_bwd()}
+    ops.update({name: f() for name, f in LADDER_OPS.items()})
     h_nb = 2 * M * R_ST * B2  # ST: the two neighbour reads of h, if they all missed L2
     print("HBM traffic MODEL (estimate; see the docstring for the rules), B/16, bf16\n")
     print("| op | model, new kernels (MB) | roofline H200 / H100 (ms) | issue: ideal | issue: fused before "
@@ -116,10 +174,18 @@ def main(argv=None):
         print(f"  {name}:")
         for what, r, w in launches:
             print(f"    {what:<52} {mb(r):8.1f} {mb(w):8.1f}")
+    before = {name: f() for name, f in LADDER_BEFORE.items()}
+    print("\nLadder as reviewed in issue 16 (csrc before the fold), same rules (read MB / write MB):")
+    for name, launches in before.items():
+        print(f"  {name}: {mb(total(launches)):.0f} MB")
+        for what, r, w in launches:
+            print(f"    {what:<52} {mb(r):8.1f} {mb(w):8.1f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({k: [{"launch": a, "read_bytes": r, "write_bytes": w} for a, r, w in v]
-                       for k, v in ops.items()}, f, indent=1)
+            doc = {k: [{"launch": a, "read_bytes": r, "write_bytes": w} for a, r, w in v] for k, v in ops.items()}
+            doc.update({k + " (before)": [{"launch": a, "read_bytes": r, "write_bytes": w} for a, r, w in v]
+                        for k, v in before.items()})
+            json.dump(doc, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ The kernels live in ``csrc/`` and are registered as ``torch.ops.vpeft_ext.ladder
 fake (meta) implementations, so the ops trace under ``torch.compile(fullgraph=True)``,
 and the autograd formula. For backward it saves only the inputs (the caller's level
 tensors themselves, as passed: no reshaped or stacked copy), the parameters and the
-statistics; the normalised rows are recomputed in the backward, never saved.
+statistics: no normalised copy of z (pre norm: the LayerNorm is folded into the GEMM
+and the backward works from z and the statistics) and no Linear output (post norm: it
+is recomputed). Design and traffic: ``csrc/README.md``.
 
 Importing this module loads the library (:mod:`vpeft_kernels._extension`) and
 registers the "extension" backend of ``ladder_projection``; when the library is
