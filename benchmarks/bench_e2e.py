@@ -127,6 +127,7 @@ def _estimate_cases():
 OPTION_CASES = (
     # (backbone, preset, frames, adapt options over the preset's): the recompute options at the
     # papers' batch, each beside the preset's own step (its row in the main table)
+    ("ViT-B-16", "st_adapter_12x384", 8, {"recompute_adapters": True}),
     ("ViT-B-16", "st_adapter_12x384", 8, {"checkpoint_every": 2}),
     ("ViT-B-16", "st_adapter_12x384", 8, {"checkpointing": True}),
     ("ViT-B-16", "side4video_light", 8, {"checkpointing": True}),

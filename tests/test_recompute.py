@@ -132,6 +132,28 @@ def test_checkpoint_every_and_lists_are_the_middle_ground():
     assert full[2] < half[2] < none[2], (full[2], half[2], none[2])
 
 
+@pytest.mark.parametrize("preset", ["12x384", "24x384"])
+def test_recompute_adapters_is_exact_and_drops_the_norm_inputs(preset):
+    """recompute_adapters: same output and gradients; each adapter keeps its input only, so
+    the norm after it keeps neither its input (the adapter's output) nor its statistics."""
+    base = tiny_clip(layers=4).visual
+    video, labels = torch.randn(2, T, 3, 32, 32), torch.tensor([1, 3])
+    opts = dict(preset=preset, bottleneck=16)
+    plain = _step(_adapted(base, "st_adapter", **opts), video, labels)
+    vm = _adapted(base, "st_adapter", recompute_adapters=True, **opts)
+    assert all(b.recompute_adapters for b in vm.tower.blocks)
+    rec = _step(vm, video, labels)
+    assert_same(plain, rec)
+    adapters = 4 * (2 if preset == "24x384" else 1)
+    rows, width = 2 * T * (1 + 16), 64
+    norm_keeps = rows * width * 4 + 2 * rows * 4  # fp32 input, mean and rstd
+    assert plain[2] - rec[2] >= adapters * norm_keeps, (plain[2], rec[2], adapters * norm_keeps)
+    # whole-block checkpointing wins where both are asked for, and the result is the same
+    both = _adapted(base, "st_adapter", recompute_adapters=True, checkpoint_every=2, **opts)
+    assert [(b.checkpoint, b.recompute_adapters) for b in both.tower.blocks] == [(True, False), (False, True)] * 2
+    assert_same(plain, _step(both, video, labels))
+
+
 def test_checkpoint_options_errors():
     assert checkpointed_blocks(None, None, 4) == set()
     assert checkpointed_blocks(True, None, 4) == {0, 1, 2, 3}
@@ -298,8 +320,9 @@ def test_plan_tries_the_untaken_recompute_options():
         ("tower_chunk=16", {"tower_chunk": 16})]
     assert [lbl for lbl, _ in untaken("st_adapter", {"checkpointing": True})] == []
     alts = memory_saving_alternatives("st_adapter_12x384", "ViT-B-16", {"preset": "12x384"}, "eager", 8)
-    assert [lbl for lbl, _ in alts] == ["checkpoint_every=2", "checkpointing", "backend fused", "frames 4"]
-    assert alts[1][1] == {"options": {"checkpointing": True}}
+    assert [lbl for lbl, _ in alts] == ["recompute_adapters", "checkpoint_every=2", "checkpointing",
+                                        "backend fused", "frames 4"]
+    assert alts[2][1] == {"options": {"checkpointing": True}}
     side = memory_saving_alternatives("side4video_light", "EVA02-E-14", {"stream": True, "checkpointing": True},
                                       "fused", 8)
     assert [lbl for lbl, _ in side] == ["tower_chunk=16", "frames 4"]

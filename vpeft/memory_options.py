@@ -14,6 +14,10 @@ option                    saves                                           costs
 ``checkpointing``         everything an adapted block (ST-Adapter, MSTA)  one more forward of each
                           or side block (Side4Video) keeps for backward,  recomputed block per step
                           except its inputs                               (ST-Adapter B/16: 1.34x FLOPs)
+``recompute_adapters``    ST-Adapter: the input of the norm after each    one more forward of each
+                          adapter (and its statistics; on the eager path  adapter and that norm (B/16
+                          also the adapter's internals); keeps the        12x384: 1.04x FLOPs)
+                          adapter's input
 ``checkpoint_every=k``    the same for every k-th block only              1/k of that forward
 ``recompute_levels``      Side4Video: the backbone level inputs the       a second frozen tower forward
                           ladder keeps for its weight gradients           in backward (up to the last
@@ -31,7 +35,8 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Tuple
 
 OPTIONS: Dict[str, List[Tuple[str, dict]]] = {
-    "st_adapter": [("checkpoint_every=2", {"checkpoint_every": 2}), ("checkpointing", {"checkpointing": True})],
+    "st_adapter": [("recompute_adapters", {"recompute_adapters": True}),
+                   ("checkpoint_every=2", {"checkpoint_every": 2}), ("checkpointing", {"checkpointing": True})],
     "msta": [("checkpointing", {"checkpointing": True})],
     "side4video": [("checkpointing", {"checkpointing": True}),
                    ("recompute_levels + stream", {"recompute_levels": True, "stream": True}),
@@ -62,6 +67,8 @@ def untaken(method: str, options: Optional[dict] = None, *, batch: Optional[int]
             continue
         if "checkpoint_every" in extra and (options.get("checkpointing") is True or "checkpoint_every" in options):
             continue  # already recomputing every block, or already chose k
+        if "recompute_adapters" in extra and options.get("checkpointing") is True:
+            continue  # every block is recomputed whole already
         if "tower_chunk" in extra and batch and frames:
             chunk = max(extra["tower_chunk"], frames * -(-batch // TOWER_CHUNKS))
             label, extra = f"tower_chunk={chunk}", {**extra, "tower_chunk": chunk}

@@ -53,20 +53,32 @@ class BlockOps:
     """The residual branches of one transformer block, called on the block's modules.
 
     ``attn(block, x, kw)`` and ``mlp(block, x, kw)`` return what the block adds to its
-    residual stream; ``first_norm(block, x)`` is the normalisation the attention branch
-    sees (for post-norm blocks, which have none before attention, the input itself).
+    residual stream. Each branch is its normalisation and the rest:
+    ``attn(b, x, kw) == attn_from(b, first_norm(b, x), kw)`` and
+    ``mlp(b, x, kw) == mlp_from(b, mlp_norm(b, x), kw)``, so a caller can put a norm
+    in one recomputation region with what comes before it. For post-norm blocks, which
+    have no norm before a branch, ``first_norm`` / ``mlp_norm`` return the input itself.
     ``kw`` holds the extra arguments the block was called with (attention mask, rope).
     """
 
     post_norm = False
 
-    def attn(self, b, x, kw):  # pragma: no cover - interface
+    def attn(self, b, x, kw):
+        return self.attn_from(b, self.first_norm(b, x), kw)
+
+    def mlp(self, b, x, kw):
+        return self.mlp_from(b, self.mlp_norm(b, x), kw)
+
+    def attn_from(self, b, n, kw):  # pragma: no cover - interface
         raise NotImplementedError
 
-    def mlp(self, b, x, kw):  # pragma: no cover - interface
+    def mlp_from(self, b, n, kw):  # pragma: no cover - interface
         raise NotImplementedError
 
     def first_norm(self, b, x):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def mlp_norm(self, b, x):  # pragma: no cover - interface
         raise NotImplementedError
 
     def call_kwargs(self, args, kwargs) -> Dict[str, Any]:
@@ -86,17 +98,20 @@ class OpenCLIPBlockOps(BlockOps):
         kw.pop("v_x", None)
         return kw
 
-    def attn(self, b, x, kw):
+    def attn_from(self, b, n, kw):
         mask = kw.get("attn_mask")
         if hasattr(b, "attention"):
-            return b.ls_1(b.attention(q_x=b.ln_1(x), attn_mask=mask))
-        return b.ls_1(b.ln_attn(b.attn(b.ln_1(x), attn_mask=mask)))
+            return b.ls_1(b.attention(q_x=n, attn_mask=mask))
+        return b.ls_1(b.ln_attn(b.attn(n, attn_mask=mask)))
 
-    def mlp(self, b, x, kw):
-        return b.ls_2(b.mlp(b.ln_2(x)))
+    def mlp_from(self, b, n, kw):
+        return b.ls_2(b.mlp(n))
 
     def first_norm(self, b, x):
         return b.ln_1(x)
+
+    def mlp_norm(self, b, x):
+        return b.ln_2(x)
 
 
 class EvaBlockOps(BlockOps):
@@ -105,14 +120,14 @@ class EvaBlockOps(BlockOps):
     def _attn_kw(self, kw):
         return dict(rope=kw.get("rope"), attn_mask=kw.get("attn_mask"), is_causal=kw.get("is_causal", False))
 
-    def attn(self, b, x, kw):
-        a = b.attn(b.norm1(x), **self._attn_kw(kw))
+    def attn_from(self, b, n, kw):
+        a = b.attn(n, **self._attn_kw(kw))
         if getattr(b, "gamma_1", None) is not None:
             a = b.gamma_1 * a
         return b.drop_path1(a)
 
-    def mlp(self, b, x, kw):
-        m = b.mlp(b.norm2(x))
+    def mlp_from(self, b, n, kw):
+        m = b.mlp(n)
         if getattr(b, "gamma_2", None) is not None:
             m = b.gamma_2 * m
         return b.drop_path2(m)
@@ -120,35 +135,44 @@ class EvaBlockOps(BlockOps):
     def first_norm(self, b, x):
         return b.norm1(x)
 
+    def mlp_norm(self, b, x):
+        return b.norm2(x)
+
 
 class EvaPostNormBlockOps(EvaBlockOps):
     """timm ``EvaBlockPostNorm``: ``x + norm1(attn(x))``, ``x + norm2(mlp(x))``."""
 
     post_norm = True
 
-    def attn(self, b, x, kw):
-        return b.drop_path1(b.norm1(b.attn(x, **self._attn_kw(kw))))
+    def attn_from(self, b, n, kw):
+        return b.drop_path1(b.norm1(b.attn(n, **self._attn_kw(kw))))
 
-    def mlp(self, b, x, kw):
-        return b.drop_path2(b.norm2(b.mlp(x)))
+    def mlp_from(self, b, n, kw):
+        return b.drop_path2(b.norm2(b.mlp(n)))
 
     def first_norm(self, b, x):
+        return x
+
+    def mlp_norm(self, b, x):
         return x
 
 
 class TimmBlockOps(BlockOps):
     """timm ``Block`` (``norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2``)."""
 
-    def attn(self, b, x, kw):
+    def attn_from(self, b, n, kw):
         mask = kw.get("attn_mask")
-        a = b.attn(b.norm1(x)) if mask is None else b.attn(b.norm1(x), attn_mask=mask)
+        a = b.attn(n) if mask is None else b.attn(n, attn_mask=mask)
         return b.drop_path1(b.ls1(a))
 
-    def mlp(self, b, x, kw):
-        return b.drop_path2(b.ls2(b.mlp(b.norm2(x))))
+    def mlp_from(self, b, n, kw):
+        return b.drop_path2(b.ls2(b.mlp(n)))
 
     def first_norm(self, b, x):
         return b.norm1(x)
+
+    def mlp_norm(self, b, x):
+        return b.norm2(x)
 
 
 def block_ops(block: nn.Module) -> BlockOps:

@@ -122,3 +122,16 @@ def _options():
 
 CHECKPOINT_OPTIONS = _options()
 """The ``checkpointing`` / ``checkpoint_every`` options, as each method that recomputes declares them."""
+
+
+def _adapters_option():
+    from .registry import Option
+
+    return {"recompute_adapters": Option(False, bool, "recompute each ST-Adapter and the norm after it in backward: "
+                                         "keeps the adapter's input only (not the norm's input nor the eager "
+                                         "adapter's internals); ignored in blocks that checkpointing recomputes whole")}
+
+
+RECOMPUTE_ADAPTERS_OPTION = _adapters_option()
+"""ST-Adapter's ``recompute_adapters`` option: each adapter and the norm of the branch after it
+form one recomputation region (:func:`run_region`); the cheapest of the recompute options."""

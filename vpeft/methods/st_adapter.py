@@ -84,16 +84,21 @@ class STAdapterBlock(nn.Module):
     With ``checkpoint=True`` the whole block (frozen branches and adapters) is one
     recomputation region (:func:`vpeft.methods.recompute.run_region`): backward keeps
     only the block's input and runs the block's forward again when it gets there.
+    With ``recompute_adapters=True`` (and no ``checkpoint``) each adapter and the norm of
+    the branch after it are one small region: backward keeps the adapter's input, not the
+    norm's input (the adapter's output) nor, on the eager path, the adapter's internals,
+    and recomputes the adapter and the norm (a few per cent of the block's FLOPs).
     """
 
     def __init__(self, block: nn.Module, ops: BlockOps, adapter_attn: Optional[STAdapter],
-                 adapter_mlp: Optional[STAdapter], checkpoint: bool = False):
+                 adapter_mlp: Optional[STAdapter], checkpoint: bool = False, recompute_adapters: bool = False):
         super().__init__()
         self.block = block
         self.ops = ops
         self.adapter_attn = adapter_attn
         self.adapter_mlp = adapter_mlp
         self.checkpoint = bool(checkpoint)
+        self.recompute_adapters = bool(recompute_adapters) and not self.checkpoint
 
     def forward(self, x, *args, **kwargs):
         kw = self.ops.call_kwargs(args, kwargs)
@@ -102,16 +107,27 @@ class STAdapterBlock(nn.Module):
         return self._body(x, kw)
 
     def _body(self, x, kw):
-        if self.adapter_attn is not None:
-            x = self.adapter_attn(x)
-        x = x + self.ops.attn(self.block, x, kw)
-        if self.adapter_mlp is not None:
-            x = self.adapter_mlp(x)
-        return x + self.ops.mlp(self.block, x, kw)
+        x = self._branch(x, self.adapter_attn, self.ops.first_norm, self.ops.attn_from, kw)
+        return self._branch(x, self.adapter_mlp, self.ops.mlp_norm, self.ops.mlp_from, kw)
+
+    def _branch(self, x, adapter, norm, rest, kw):
+        """``y + rest(norm(y))`` with ``y = adapter(x)`` (or ``x``)."""
+        if adapter is None:
+            return x + rest(self.block, norm(self.block, x), kw)
+        if self.recompute_adapters:
+            y, n = run_region(self._adapt_and_norm, x, adapter, norm)
+        else:
+            y = adapter(x)
+            n = norm(self.block, y)
+        return y + rest(self.block, n, kw)
+
+    def _adapt_and_norm(self, x, adapter, norm):
+        y = adapter(x)
+        return y, norm(self.block, y)
 
 
 # ---------------------------------------------------------------------- registration
-from .recompute import CHECKPOINT_OPTIONS, checkpointed_blocks  # noqa: E402
+from .recompute import CHECKPOINT_OPTIONS, RECOMPUTE_ADAPTERS_OPTION, checkpointed_blocks  # noqa: E402
 from .registry import InjectContext, Injected, MethodSpec, Option, positive_int, register_method  # noqa: E402
 
 
@@ -128,7 +144,8 @@ def _inject(ctx: InjectContext) -> Injected:
     ckpt = checkpointed_blocks(o["checkpointing"], o["checkpoint_every"], tower.depth)
     for i, blk in enumerate(tower.blocks):
         tower.blocks[i] = STAdapterBlock(blk, tower.ops, make() if "attn" in where else None,
-                                         make() if "mlp" in where else None, checkpoint=i in ckpt)
+                                         make() if "mlp" in where else None, checkpoint=i in ckpt,
+                                         recompute_adapters=o["recompute_adapters"])
     return Injected()
 
 
@@ -137,5 +154,5 @@ register_method(MethodSpec(
     {"preset": Option("12x384", str, "adapter placement: 12x384 (before each MLP) or 24x384 (attention and MLP)",
                       choices=tuple(PRESETS)),
      "bottleneck": positive_int("bottleneck width r", 384),
-     **CHECKPOINT_OPTIONS},
+     **CHECKPOINT_OPTIONS, **RECOMPUTE_ADAPTERS_OPTION},
     inject=_inject, checkpointing="option"))
