@@ -284,9 +284,9 @@ def test_backend_reasons():
     mixed[1] = mixed[1].double()
     why = vk.not_supported_reasons("st_adapter", *mixed, num_frames=2)["triton"]
     assert any("dtype" in w for w in why)
+    # the MSTA kernels walk r in column blocks: a wide bottleneck is taken in every dtype
     m = msta_inputs(1, 1, 3, 256, 256, vision=False)
-    why = vk.not_supported_reasons("msta_adapter", *m, scale=1.0)["triton"]
-    assert any("r=256" in w for w in why)  # fp32: the (r, r) shared weight would not fit on chip
+    assert not vk.not_supported_reasons("msta_adapter", *m, scale=1.0)["triton"]
     assert not vk.not_supported_reasons("msta_adapter", *[a.half() for a in m], scale=1.0)["triton"]
     if not CUDA:
         xb = [a.bfloat16() for a in x]
