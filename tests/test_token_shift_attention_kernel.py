@@ -254,6 +254,22 @@ def test_dispatch_reasons_on_cpu():
     assert any("float64" in w and "not supported" in w for w in why)
 
 
+def test_gpu_head_dims_without_a_clean_config_are_declined():
+    """fp32 at head dim 128 has no backward tile that compiles for sm_90 without spills:
+    on a GPU the dispatcher sends it to eager with that reason; 16-bit keeps the kernels."""
+    import importlib
+    tsa = importlib.import_module("vpeft_kernels.token_shift_attention")
+    why = tsa._gpu_reasons(torch.float32, 128)
+    assert why and "head dim 128" in why[0] and "eager" in why[0]
+    for dtype in (torch.float16, torch.bfloat16):
+        assert tsa._gpu_reasons(dtype, 128) == []
+    for hd in (16, 32, 64):
+        assert tsa._gpu_reasons(torch.float32, hd) == []
+    if CUDA:
+        args = make_inputs(1, 2, 8, 128, device="cuda")
+        assert chosen_backend("token_shift_attention", "auto", *args, num_frames=2, num_heads=1) == "eager"
+
+
 @needs_kernels
 def test_autocast_runs_in_the_autocast_dtype():
     """Under autocast the inputs are cast to its dtype; gradients come back in the inputs' dtypes."""

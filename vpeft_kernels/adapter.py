@@ -119,8 +119,8 @@ def _prune_gemm(configs, named_args, **kwargs):
 
 
 # The ST temporal-conv backward is elementwise over (M, r) with six live fp32 tiles.
-_TAPS_GPU = dict(BLOCK_M=32, BLOCK_R=64, num_warps=4)
-_TAPS_INTERP = dict(BLOCK_M=16, BLOCK_R=16, num_warps=4)
+_TAPS_GPU = dict(BLOCK_M=32, BLOCK_R=64, num_warps=4, num_stages=1)
+_TAPS_INTERP = dict(BLOCK_M=16, BLOCK_R=16, num_warps=4, num_stages=1)
 
 
 def _taps_cfg():
@@ -161,7 +161,7 @@ def _msta_block_ns(dtype, bwd):
     return [16 << i for i in range(8) if 16 << i <= cap]
 
 
-_KEEP_MASK_CFG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
+_KEEP_MASK_CFG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -680,7 +680,7 @@ def _st_backward(dy, x, w_down, b_down, w_conv, b_conv, w_up, num_frames, needs)
         part = torch.empty((triton.cdiv(m, bm), 5, r), device=x.device, dtype=torch.float32)
         _st_taps_bwd_kernel[(triton.cdiv(m, bm), triton.cdiv(r, br))](
             h, dg, w_conv, b_conv, g, dh, part, m, r, tok, num_frames, BLOCK_M=bm, BLOCK_R=br,
-            num_warps=c["num_warps"])
+            num_warps=c["num_warps"], num_stages=c["num_stages"])
         del h, dg
         sums = part.sum(0)
         if needs[5]:
@@ -769,7 +769,8 @@ def _msta_backward(dy, u, w_down, b_down, w_shared, b_shared, w_up, w_tconv, see
             bm, bn = tc["BLOCK_M"], 2 * tc["BLOCK_R"]
             tpart = torch.empty((triton.cdiv(m, bm), 3, d), device=dev, dtype=torch.float32)
             _msta_up_taps_grad_kernel[(triton.cdiv(m, bm), triton.cdiv(d, bn))](
-                dy2, hd, tpart, m, d, r, tok, frames, group, BLOCK_M=bm, BLOCK_N=bn, num_warps=tc["num_warps"])
+                dy2, hd, tpart, m, d, r, tok, frames, group, BLOCK_M=bm, BLOCK_N=bn, num_warps=tc["num_warps"],
+                num_stages=tc["num_stages"])
             out[7] = tpart.sum(0).t().contiguous().to(w_tconv.dtype)
         if needs[5]:
             out[5] = _wgrad(dy2, hd).to(w_up.dtype)
@@ -833,12 +834,13 @@ def sm90_variants(dtypes=(torch.float32, torch.float16, torch.bfloat16)):
                           _prune_gemm(_up_kernel.configs, fake, **flags),
                           aligned=("a_ptr", "w_ptr", "res_ptr", "out_ptr", "K", "N"))
         tc = _taps_cfg()
-        cfg = triton.Config({k: tc[k] for k in ("BLOCK_M", "BLOCK_R")}, num_warps=tc["num_warps"], num_stages=1)
+        cfg = triton.Config({k: tc[k] for k in ("BLOCK_M", "BLOCK_R")}, num_warps=tc["num_warps"],
+                            num_stages=tc["num_stages"])
         out += expand(f"_st_taps_bwd_kernel[{name}]", _st_taps_bwd_kernel,
                       dict(h_ptr=p, dg_ptr=p, taps_ptr=p, tbias_ptr=p, g_ptr=p, dh_ptr=p, part_ptr=f32, M=i32,
                            R=i32, TOK=i32, T=i32), {}, [cfg], aligned=("h_ptr", "dg_ptr", "g_ptr", "dh_ptr", "R"))
         cfg = triton.Config(dict(BLOCK_M=tc["BLOCK_M"], BLOCK_N=2 * tc["BLOCK_R"]), num_warps=tc["num_warps"],
-                            num_stages=1)
+                            num_stages=tc["num_stages"])
         out += expand(f"_msta_up_taps_grad_kernel[{name}]", _msta_up_taps_grad_kernel,
                       dict(dy_ptr=p, hd_ptr=p, part_ptr=f32, M=i32, D=i32, R=i32, TOK=i32, T=i32, GROUP=i32),
                       {}, [cfg], aligned=("dy_ptr", "hd_ptr", "D"))

@@ -46,8 +46,8 @@ import triton
 import triton.language as tl
 
 from . import _backend
-from ._triton_common import (INTERPRET as _INTERPRET, cast_inputs, common_reasons, cuda_only, device_guard,
-                             dot_precision)
+from ._triton_common import (INTERPRET as _INTERPRET, autocast_dtype, cast_inputs, common_reasons, cuda_only,
+                             device_guard, dot_precision)
 
 __all__ = ["token_shift_attention_triton", "attention_core", "SUPPORTED_HEAD_DIMS"]
 
@@ -56,43 +56,61 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 # Block sizes. The interpreter costs about the same per program instance whatever the
 # block size, and it cannot autotune over several configs without a GPU, so it gets one
 # small config (which also makes tiny test shapes span several blocks and a tail).
-# vpeft_kernels.sm90_check compiles every GPU config for sm_90 at every head dim;
-# _prune_attention drops the ones that spill there.
+# On the GPU each (kernel, fp32 or 16-bit, head dim) has its own table of configs
+# (BLOCK_M, BLOCK_N, warps, stages): those that compile for sm_90 without register
+# spills and within 227 KB of shared memory (`python -m vpeft_kernels.sm90_check
+# --filter _tsa`); the autotuner only ever sees that table (_prune_attention), and the
+# sm_90 check compiles exactly it. fp32 dots are 3xTF32 (three operand splits), so fp32
+# takes smaller tiles; at head dim 128 no fp32 backward tile fits in the registers, and
+# fp32 with head dim 128 on a GPU is left to the eager path (see _reasons).
 
-_FWD_GPU = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 3)]
-_BWD_GPU = [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (128, 64, 8, 2),
-            (32, 32, 8, 2)]
-
-
-def _configs(table):
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for (m, n, w, st) in table]
-
-
-# (kernel, HEAD_DIM) -> configs (BLOCK_M, BLOCK_N, warps) that spill on sm_90, found by
-# `python -m vpeft_kernels.sm90_check --dtypes bfloat16` (bf16; the same tiles serve fp16/fp32)
-_SPILLS = {
-    ("bwd", 16): {(32, 32, 4)},
-    ("bwd", 64): {(64, 32, 4)},
-    ("fwd", 128): {(128, 64, 4)},
-    ("bwd", 128): {(64, 64, 4), (64, 64, 8), (32, 64, 4), (64, 32, 4), (32, 32, 4), (128, 64, 8)},
+_F16 = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 3)]
+_B16 = [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (128, 64, 8, 2),
+        (32, 32, 8, 2)]
+_GPU_TABLES = {  # (kernel, fp32) -> {head dim: configs}
+    ("fwd", False): {16: _F16, 32: _F16, 64: _F16, 128: [c for c in _F16 if c != (128, 64, 4, 2)]},
+    ("fwd", True): {16: _F16[:2] + _F16[3:], 32: _F16[:2] + _F16[3:],
+                    64: [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)], 128: [(64, 32, 4, 3)]},
+    ("bwd", False): {16: [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
+                     32: _B16, 64: [c for c in _B16 if c != (64, 32, 4, 2)], 128: [(32, 32, 8, 2)]},
+    ("bwd", True): {16: [(32, 64, 4, 2), (32, 32, 8, 2)], 32: [(16, 32, 4, 2), (16, 16, 4, 2), (16, 32, 8, 2)],
+                    64: [(16, 16, 8, 2), (16, 16, 4, 2), (16, 32, 8, 2)], 128: []},
 }
 
 
+def _gpu_table(kernel: str, dtype: torch.dtype, head_dim: int):
+    """The GPU configs ``kernel`` ("fwd"/"bwd") may be tuned over for this dtype and head dim."""
+    return _GPU_TABLES[kernel, dtype == torch.float32].get(head_dim, [])
+
+
+def _configs(kernel):
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    table = dict.fromkeys(c for fp32 in (False, True) for cs in _GPU_TABLES[kernel, fp32].values() for c in cs)
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for (m, n, w, st) in table]
+
+
 def _prune_attention(kernel):
+    """``early_config_prune`` of the autotuner: the configs of this call's table."""
     def prune(configs, named_args, **kwargs):
-        hd = kwargs.get("HEAD_DIM")
-        bad = _SPILLS.get((kernel, hd), ())
-        keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) not in bad]
-        return keep or configs[:1]
+        table = set(_gpu_table(kernel, named_args["QKV"].dtype, kwargs["HEAD_DIM"]))
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in table]
     return prune
+
+
+def _gpu_reasons(dtype: torch.dtype, head_dim: int) -> List[str]:
+    """Why the fused op cannot run on a GPU in ``dtype`` at ``head_dim`` (empty when it can)."""
+    if head_dim in SUPPORTED_HEAD_DIMS and not (_gpu_table("fwd", dtype, head_dim)
+                                                and _gpu_table("bwd", dtype, head_dim)):
+        return [f"no backward tile fits the registers of an sm_90 GPU at head dim {head_dim} in {dtype} "
+                "(3xTF32 operands spill); the eager path runs it"]
+    return []
 
 
 # --------------------------------------------------------------------------- kernels
 
 
-@triton.autotune(configs=_configs(_FWD_GPU), key=["N", "HEAD_DIM"],
+@triton.autotune(configs=_configs("fwd"), key=["N", "HEAD_DIM"],
                  prune_configs_by={"early_config_prune": _prune_attention("fwd")})
 @triton.jit
 def _tsa_fwd_kernel(QKV, KVC, O, LSE, sm_scale: tl.float32, N, H,
@@ -165,7 +183,7 @@ def _tsa_fwd_kernel(QKV, KVC, O, LSE, sm_scale: tl.float32, N, H,
     tl.store(LSE + pid_fh * N + offs_m, lse, mask=m_valid)
 
 
-@triton.autotune(configs=_configs(_BWD_GPU), key=["N", "HEAD_DIM"],
+@triton.autotune(configs=_configs("bwd"), key=["N", "HEAD_DIM"],
                  prune_configs_by={"early_config_prune": _prune_attention("bwd")})
 @triton.jit
 def _tsa_bwd_kernel(QKV, KVC, O, DO, LSE, DQKV, DQ, DELTA, PART, sm_scale: tl.float32, N, H,
@@ -291,6 +309,8 @@ def _attention_core_backward(qkv, kv_cls, o, lse, do, num_heads):
     fr, n, d3 = qkv.shape
     d = d3 // 3
     hd = d // num_heads
+    if qkv.is_cuda and _gpu_reasons(qkv.dtype, hd):  # the dispatcher does not send these here
+        raise RuntimeError("token-shift attention backward: " + "; ".join(_gpu_reasons(qkv.dtype, hd)))
     dqkv = torch.empty_like(qkv)
     dq = torch.empty((fr * num_heads, n, hd), device=qkv.device, dtype=torch.float32)  # fp32 scratch
     delta = torch.empty((fr * num_heads, n), device=qkv.device, dtype=torch.float32)
@@ -487,6 +507,8 @@ def _reasons(s, c, pos, ln_weight, ln_bias, w_qkv, b_qkv, w_out, b_out, *, num_f
     d = s.shape[-1]
     if num_heads and d % num_heads == 0 and d // num_heads not in SUPPORTED_HEAD_DIMS:
         why.append(f"head dim {d // num_heads} is not one of {SUPPORTED_HEAD_DIMS}")
+    elif num_heads and d % num_heads == 0 and s.is_cuda:
+        why += _gpu_reasons(autocast_dtype("cuda") or s.dtype, d // num_heads)
     if s.shape[1] < 1:
         why.append("needs at least one patch token (N >= 1)")
     if pos.shape[0] != s.shape[1]:
@@ -503,7 +525,11 @@ _backend.register("token_shift_attention", "triton", token_shift_attention_trito
 
 def sm90_variants(dtypes=(torch.float32, torch.float16, torch.bfloat16)):
     """Every GPU launch of the attention kernels for :mod:`vpeft_kernels.sm90_check`: each
-    supported head dim, fp32/fp16/bf16, each autotune config."""
+    supported head dim, fp32/fp16/bf16, each autotune config that survives the autotuner's
+    prune for that dtype and head dim (none for the fp32 backward at head dim 128, which
+    the dispatcher never sends to these kernels on a GPU)."""
+    from types import SimpleNamespace
+
     from .sm90_check import expand, ptr
     out = []
     f32, i32 = ptr(torch.float32), "i32"
@@ -511,13 +537,14 @@ def sm90_variants(dtypes=(torch.float32, torch.float16, torch.bfloat16)):
         p, prec, name = ptr(dtype), dot_precision(dtype), str(dtype).replace("torch.", "")
         for hd in SUPPORTED_HEAD_DIMS:
             consts = dict(HEAD_DIM=hd, DOT_PRECISION=prec)
+            args = {"QKV": SimpleNamespace(dtype=dtype)}  # what the autotuner's prune reads
             out += expand(f"_tsa_fwd_kernel[{name},hd={hd}]", _tsa_fwd_kernel,
                           dict(QKV=p, KVC=p, O=p, LSE=f32, sm_scale="fp32", N=i32, H=i32), consts,
-                          _prune_attention("fwd")(_tsa_fwd_kernel.configs, {}, HEAD_DIM=hd),
+                          _prune_attention("fwd")(_tsa_fwd_kernel.configs, args, HEAD_DIM=hd),
                           aligned=("QKV", "KVC", "O", "LSE"))
             out += expand(f"_tsa_bwd_kernel[{name},hd={hd}]", _tsa_bwd_kernel,
                           dict(QKV=p, KVC=p, O=p, DO=p, LSE=f32, DQKV=p, DQ=f32, DELTA=f32, PART=f32, sm_scale="fp32",
                                N=i32, H=i32),
-                          consts, _prune_attention("bwd")(_tsa_bwd_kernel.configs, {}, HEAD_DIM=hd),
+                          consts, _prune_attention("bwd")(_tsa_bwd_kernel.configs, args, HEAD_DIM=hd),
                           aligned=("QKV", "KVC", "O", "DO", "LSE", "DQKV", "DQ"))
     return out
