@@ -254,20 +254,15 @@ def test_dispatch_reasons_on_cpu():
     assert any("float64" in w and "not supported" in w for w in why)
 
 
-def test_gpu_head_dims_without_a_clean_config_are_declined():
-    """fp32 at head dim 128 has no backward tile that compiles for sm_90 without spills:
-    on a GPU the dispatcher sends it to eager with that reason; 16-bit keeps the kernels."""
+def test_every_gpu_head_dim_has_configs():
+    """Each supported head dim has fwd and bwd GPU configs in fp32 and 16-bit (the sm_90
+    check compiles them), and only fp32 at head dim 128 takes the split-dq backward."""
     import importlib
     tsa = importlib.import_module("vpeft_kernels.token_shift_attention")
-    why = tsa._gpu_reasons(torch.float32, 128)
-    assert why and "head dim 128" in why[0] and "eager" in why[0]
-    for dtype in (torch.float16, torch.bfloat16):
-        assert tsa._gpu_reasons(dtype, 128) == []
-    for hd in (16, 32, 64):
-        assert tsa._gpu_reasons(torch.float32, hd) == []
-    if CUDA:
-        args = make_inputs(1, 2, 8, 128, device="cuda")
-        assert chosen_backend("token_shift_attention", "auto", *args, num_frames=2, num_heads=1) == "eager"
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for hd in tsa.SUPPORTED_HEAD_DIMS:
+            assert tsa._gpu_table("fwd", dtype, hd) and tsa._gpu_table("bwd", dtype, hd), (dtype, hd)
+            assert tsa._split_dq(dtype, hd) == (dtype == torch.float32 and hd == 128)
 
 
 @needs_kernels
