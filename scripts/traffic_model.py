@@ -11,7 +11,8 @@ Rules of the model: every launch reads each input tensor it touches once from HB
 writes each output once (the GROUP_M tile order is what makes a (rows, K) input tile
 an L2 hit for the other column tiles of its group; the temporal neighbour rows +-197
 rows away are counted as L2 hits too -- the upper bound if they were not is printed
-beside); weights and the per-tile fp32 partial sums are counted (they are small);
+beside, and so are the MSTA backward's re-reads of its u/dy row tiles for its second
+column block of r); weights and the per-tile fp32 partial sums are counted (they are small);
 cuBLAS weight-gradient GEMMs read both operands once and write the fp32 result. The
 roofline time divides by 4.8 TB/s (H200 datasheet) and 3.35 TB/s (H100).
 The issue's measured/estimated columns are copied for comparison.
@@ -62,7 +63,10 @@ def msta_fwd():
 def msta_bwd():
     u, hd = M * D * B2, M * R_MSTA * B2
     part = (M // 64) * (2 * D + 2 * R_MSTA) * F4
-    return [("bottleneck bwd: hd, h1, dz2, dz1 (+ bias partials)", 2 * u + 2 * hd, 4 * hd + part),
+    # u and dy once each from HBM; the program's own h1, hd and dz2 (tap sums, then dz2)
+    # read back once each. At r=128 the backward walks r in two 64-wide column blocks: the
+    # second re-reads the u and dy row tiles the first just read (L2; MSTA_REREAD if not)
+    return [("bottleneck bwd: hd, h1, dz2, dz1 (+ bias partials)", 2 * u + 3 * hd, 4 * hd + part),
             ("grouped temporal tap grads", u + hd, (M // 32) * 3 * D * F4),
             ("dWu = dy^T hd", u + hd, D * R_MSTA * F4),
             ("dWs = dz2^T h1", 2 * hd, R_MSTA * R_MSTA * F4),
@@ -159,13 +163,15 @@ def main(argv=None):
            "token-shift attention bwd": tsa_bwd()}
     ops.update({name: f() for name, f in LADDER_OPS.items()})
     h_nb = 2 * M * R_ST * B2  # ST: the two neighbour reads of h, if they all missed L2
+    msta_reread = 2 * M * D * B2  # MSTA bwd: the second column block's u and dy, if they missed L2
     print("HBM traffic MODEL (estimate; see the docstring for the rules), B/16, bf16\n")
     print("| op | model, new kernels (MB) | roofline H200 / H100 (ms) | issue: ideal | issue: fused before "
           "| issue: eager | issue: Inductor |")
     print("|---|---|---|---|---|---|---|")
     for name, launches in ops.items():
         t = total(launches)
-        extra = f" (+{mb(h_nb):.0f} if neighbour rows miss L2)" if name == "ST-Adapter fwd" else ""
+        extra = {"ST-Adapter fwd": f" (+{mb(h_nb):.0f} if neighbour rows miss L2)",
+                 "MSTA bwd": f" (+{mb(msta_reread):.0f} if the second column block's u/dy reads miss L2)"}.get(name, "")
         i = ISSUE[name]
         print(f"| {name} | {mb(t):.0f}{extra} | {t / 4.8e12 * 1e3:.3f} / {t / 3.35e12 * 1e3:.3f} | {i[0]} | "
               f"{i[1]} | {i[2]} | {i[3]} |")

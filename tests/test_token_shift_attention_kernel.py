@@ -254,6 +254,17 @@ def test_dispatch_reasons_on_cpu():
     assert any("float64" in w and "not supported" in w for w in why)
 
 
+def test_every_gpu_head_dim_has_configs():
+    """Each supported head dim has fwd and bwd GPU configs in fp32 and 16-bit (the sm_90
+    check compiles them), and only fp32 at head dim 128 takes the split-dq backward."""
+    import importlib
+    tsa = importlib.import_module("vpeft_kernels.token_shift_attention")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for hd in tsa.SUPPORTED_HEAD_DIMS:
+            assert tsa._gpu_table("fwd", dtype, hd) and tsa._gpu_table("bwd", dtype, hd), (dtype, hd)
+            assert tsa._split_dq(dtype, hd) == (dtype == torch.float32 and hd == 128)
+
+
 @needs_kernels
 def test_autocast_runs_in_the_autocast_dtype():
     """Under autocast the inputs are cast to its dtype; gradients come back in the inputs' dtypes."""

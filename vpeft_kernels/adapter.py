@@ -21,9 +21,10 @@ Forward (ST-Adapter), two launches:
   2. ``y = x + (taps_t(h) @ Wu^T + bu)`` on patch rows, ``y = x`` on [CLS] rows; the
      3-tap depthwise temporal mix of ``h`` is formed inside the K loop of the up GEMM.
 Forward (MSTA), two launches:
-  1. ``hd = dropout(relu(relu(u @ Wd^T + bd) @ Ws^T + bs))`` with the whole (rows, r)
-     tile on chip between the two GEMMs; dropout from Philox (``tl.rand``) keyed by a
-     seed tensor and the element index, so backward regenerates the same mask.
+  1. ``hd = dropout(relu(relu(u @ Wd^T + bd) @ Ws^T + bs))``, one program per row
+     tile, each GEMM in column blocks of the bottleneck (h1 goes through L2 between
+     the two GEMMs); dropout from Philox (``tl.rand``) keyed by a seed tensor and the
+     element index, so backward regenerates the same mask.
   2. ``out = scale * (hd @ Wu^T + bu + up_t(hd))``, ``up_t`` the grouped temporal
      up-projection added in the epilogue (patch rows only): output channel ``o`` reads
      bottleneck channel ``o // (D/r)`` of rows ``m - (1+N), m, m + (1+N)``.
@@ -43,8 +44,8 @@ Limits
 ------
 * All tensors of one call must share a device and a dtype (float32, float16,
   bfloat16); under autocast they are cast to the autocast dtype (``_triton_common``).
-* MSTA keeps the whole bottleneck on chip: r <= 128 in fp32, r <= 256 in 16-bit.
-  ST-Adapter tiles r and takes any r.
+* Both adapters take any r: the MSTA bottleneck kernels walk r in column blocks
+  (one fp32 accumulator of (64, <= 128) on chip), ST-Adapter tiles r.
 * The dropout mask is indexed by ``m*r + c`` in 32 bits: past 2**32 elements per call
   the Philox stream repeats (the mask stays identical between forward and backward).
 * No double backward.
@@ -61,15 +62,10 @@ import triton
 import triton.language as tl
 
 from . import _backend
-from ._triton_common import (INTERPRET, autocast_dtype, cast_inputs, common_reasons, cuda_only, device_guard,
+from ._triton_common import (INTERPRET, cast_inputs, common_reasons, cuda_only, device_guard,
                              dot_precision)
 
 Tensor = torch.Tensor
-
-# The MSTA bottleneck kernels keep a (rows, r) tile and the whole shared weight Ws (r, r)
-# on chip; compiled for sm_90, r=256 needs ~148 KB of shared memory in 16-bit and ~290 KB
-# (more than an H100 has) in fp32, so fp32 stops at r=128.
-_MSTA_MAX_R = {torch.float32: 128, torch.float16: 256, torch.bfloat16: 256}
 
 
 # ----------------------------------------------------------------------- GPU configs
@@ -123,25 +119,49 @@ def _prune_gemm(configs, named_args, **kwargs):
 
 
 # The ST temporal-conv backward is elementwise over (M, r) with six live fp32 tiles.
-_TAPS_GPU = dict(BLOCK_M=32, BLOCK_R=64, num_warps=4)
-_TAPS_INTERP = dict(BLOCK_M=16, BLOCK_R=16, num_warps=4)
+_TAPS_GPU = dict(BLOCK_M=32, BLOCK_R=64, num_warps=4, num_stages=1)
+_TAPS_INTERP = dict(BLOCK_M=16, BLOCK_R=16, num_warps=4, num_stages=1)
 
 
 def _taps_cfg():
     return dict(_TAPS_INTERP if INTERPRET else _TAPS_GPU)
 
 
+# MSTA bottleneck kernels: one program owns BLOCK_M rows (64 on the GPU at every r, so
+# the GEMMs stay on wgmma in 16-bit) and walks each of its GEMMs in BLOCK_N-wide column
+# blocks of the bottleneck, one fp32 (BLOCK_M, BLOCK_N) accumulator live at a time, so
+# r only sets loop trip counts: r > BLOCK_N compiles to the same kernel as r = BLOCK_N.
+# BLOCK_K / BLOCK_C are the K steps over D and over r; BLOCK_CT x BLOCK_G the (channel,
+# group member) tile of the backward's grouped temporal sum. 3xTF32 (fp32) triples the
+# dot operands, so fp32 takes narrower blocks and shorter K steps.
+# Widest column block per (dtype class, pass), the largest that compiles for sm_90
+# without spills (`python -m vpeft_kernels.sm90_check --filter _msta`): the backward
+# holds more (its dA pass, the mask, two outputs per block) and spills at 128 in 16-bit.
+_MSTA_BLOCK_N = {(False, False): 128, (False, True): 64, (True, False): 64, (True, True): 32}  # (fp32, bwd)
+
+
 def _msta_cfg(r, dtype=torch.bfloat16, bwd=False):
-    """Tiles of the MSTA bottleneck kernels: all of r in one program, BLOCK_M rows
-    (64 at every r on the GPU, so the GEMMs stay on wgmma). The backward streams two
-    (rows, D) operands, so it takes shorter K steps from r = 64 on."""
-    block_r = max(16, triton.next_power_of_2(r))
-    if INTERPRET:
-        return dict(BLOCK_M=16, BLOCK_R=block_r, BLOCK_K=16, BLOCK_C=16, num_warps=4, num_stages=1)
-    short = dtype == torch.float32 or block_r > 128 or (bwd and block_r >= 64)
-    block_k = 16 if dtype == torch.float32 and bwd else (32 if short else 64)  # 3xTF32 triples the operands
-    return dict(BLOCK_M=64, BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_C=min(block_r, 32),
-                num_warps=4 if block_r <= 32 else 8, num_stages=2)
+    """Launch config of the MSTA bottleneck kernels for bottleneck width ``r``."""
+    if INTERPRET:  # small blocks: the test shapes span several column blocks and group steps
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_C=16, num_warps=4, num_stages=1,
+                    **(dict(BLOCK_CT=4, BLOCK_G=2) if bwd else {}))
+    fp32 = dtype == torch.float32
+    block_n = min(max(16, triton.next_power_of_2(r)), _MSTA_BLOCK_N[fp32, bwd])
+    step = 32 if fp32 else 64
+    cfg = dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=step, BLOCK_C=step,
+               num_warps=4 if block_n <= (16 if fp32 and bwd else 32) else 8, num_stages=2)
+    if bwd:
+        cfg.update(BLOCK_CT=8, BLOCK_G=4)
+    return cfg
+
+
+def _msta_block_ns(dtype, bwd):
+    """Every BLOCK_N :func:`_msta_cfg` gives for ``dtype`` (r = 16, 32, ... up to the cap)."""
+    cap = _MSTA_BLOCK_N[dtype == torch.float32, bwd]
+    return [16 << i for i in range(8) if 16 << i <= cap]
+
+
+_KEEP_MASK_CFG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -380,87 +400,102 @@ def _msta_up_taps_grad_kernel(dy_ptr, hd_ptr, part_ptr, M, D, R, TOK, T, GROUP,
 
 
 @triton.jit
-def _rows_at_shared(src_ptr, ws_ptr, rm, m_ok, rr, r_ok, R, TRANS: tl.constexpr, DOT_PREC: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """``src[rm, :] @ Ws^T`` (``TRANS``) or ``src[rm, :] @ Ws`` for the (M, R) matrix src
-    and the (R, R) shared weight, fp32, in BLOCK_C-wide steps of the contraction.
+def _rows_times(src_ptr, K, w_ptr, stride_wn, stride_wk, rm, m_ok, rn, n_ok, DOT_PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``src[rm, :] @ W[:, rn]`` in fp32 for the contiguous (M, K) matrix ``src`` and
+    ``W[k, n]`` at ``w_ptr + n*stride_wn + k*stride_wk``, in BLOCK_K steps over K.
 
-    The rows of ``src`` were just written by this program (the caller puts a barrier
-    in between) and are re-read from L2 in slices: the whole (R, R) weight and a second
-    (rows, R) operand never sit in registers at once, which spilled at r >= 64 on sm_90.
+    The MSTA bottleneck kernels call it once per BLOCK_N-wide column block of each of
+    their GEMMs, so one (BLOCK_M, BLOCK_N) fp32 accumulator is live at a time whatever
+    r is. When ``src`` holds rows this program has just written (h1, dz2), the caller
+    puts a barrier in between; they are re-read from L2.
     """
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    rc = tl.arange(0, BLOCK_C)
-    for c0 in range(0, R, BLOCK_C):
-        kc = c0 + rc
-        c_ok = kc < R
-        a = tl.load(src_ptr + rm[:, None] * R + kc[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
-        if TRANS:
-            w = tl.load(ws_ptr + rr[None, :] * R + kc[:, None], mask=c_ok[:, None] & r_ok[None, :], other=0.0)
-        else:
-            w = tl.load(ws_ptr + kc[:, None] * R + rr[None, :], mask=c_ok[:, None] & r_ok[None, :], other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    rk = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        a = tl.load(src_ptr + rm[:, None] * K + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :],
+                    other=0.0)
         acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
     return acc
 
 
 @triton.jit
-def _msta_bottleneck_fwd_kernel(u_ptr, wd_ptr, bd_ptr, ws_ptr, bs_ptr, seed_ptr, hd_ptr, M, D, R, p_drop,
+def _msta_bottleneck_rows(u_ptr, wd_ptr, bd_ptr, ws_ptr, bs_ptr, seed_ptr, h1_ptr, hd_ptr, rm, m_ok, D, R, p_drop,
+                          HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The MSTA bottleneck of rows ``rm``: ``h1 = relu(u @ Wd^T + bd)`` to ``h1``, then
+    ``hd = dropout(relu(h1 @ Ws^T + bs))`` to ``hd``, both (M, R), column block by column
+    block. ``h1_ptr`` may equal ``hd_ptr`` when R <= BLOCK_N (one block: every slice of
+    h1 is read before hd is written). Dropout keeps ``(m, c)`` when
+    ``tl.rand(seed, m*R + c) >= p`` and scales kept values by ``1/(1-p)``.
+    """
+    for n0 in range(0, R, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        n_ok = rn < R
+        acc = _rows_times(u_ptr, D, wd_ptr, D, 1, rm, m_ok, rn, n_ok, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        h1 = tl.maximum(acc + tl.load(bd_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :], 0.0)
+        tl.store(h1_ptr + rm[:, None] * R + rn[None, :], h1.to(h1_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+    tl.debug_barrier()  # h1 of all columns is written before it is read back
+    for n0 in range(0, R, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        n_ok = rn < R
+        z2 = _rows_times(h1_ptr, R, ws_ptr, R, 1, rm, m_ok, rn, n_ok, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_C)
+        h2 = tl.maximum(z2 + tl.load(bs_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :], 0.0)
+        if HAS_DROPOUT:
+            seed = tl.load(seed_ptr)
+            keep = tl.rand(seed, (rm[:, None] * R + rn[None, :]).to(tl.int32)) >= p_drop
+            h2 = tl.where(keep, h2 / (1.0 - p_drop), 0.0)
+        tl.debug_barrier()  # with h1 in hd: every slice of h1 is read before hd is written
+        tl.store(hd_ptr + rm[:, None] * R + rn[None, :], h2.to(hd_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _msta_bottleneck_fwd_kernel(u_ptr, wd_ptr, bd_ptr, ws_ptr, bs_ptr, seed_ptr, h1_ptr, hd_ptr, M, D, R, p_drop,
                                 HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
     """MSTA bottleneck ``hd = dropout(relu(relu(u @ Wd^T + bd) @ Ws^T + bs))``.
 
-    ``u`` contiguous (M, D), ``Wd`` (R, D), ``Ws`` (R, R), ``hd`` (M, R). One program
-    owns BLOCK_M rows and the whole bottleneck width (BLOCK_R >= R); ``h1`` passes through
-    ``hd`` as scratch for the shared GEMM (:func:`_rows_at_shared`). Dropout keeps element ``(m, c)`` when
-    ``tl.rand(seed, m*R + c) >= p`` and scales kept values by ``1/(1-p)``.
-    Grid: ``(cdiv(M, BLOCK_M),)``.
+    ``u`` contiguous (M, D), ``Wd`` (R, D), ``Ws`` (R, R), ``hd`` (M, R); ``h1`` (M, R) is
+    scratch for the shared GEMM's input (``hd`` itself when R <= BLOCK_N). One program
+    owns BLOCK_M rows and walks the bottleneck in BLOCK_N-wide column blocks
+    (:func:`_msta_bottleneck_rows`). Grid: ``(cdiv(M, BLOCK_M),)``.
     """
     p_drop = tl.cast(p_drop, tl.float32)
     pid_m = tl.program_id(0).to(tl.int64)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rr = tl.arange(0, BLOCK_R)
-    rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < M
-    r_ok = rr < R
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        kk = k0 + rk
-        k_ok = kk < D
-        a = tl.load(u_ptr + rm[:, None] * D + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(wd_ptr + rr[None, :] * D + kk[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
-    h1 = tl.maximum(acc + tl.load(bd_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)[None, :], 0.0)
-    io = m_ok[:, None] & r_ok[None, :]
-    out = rm[:, None] * R + rr[None, :]
-    tl.store(hd_ptr + out, h1.to(hd_ptr.dtype.element_ty), mask=io)  # hd holds h1 for a moment
-    tl.debug_barrier()
-    z2 = _rows_at_shared(hd_ptr, ws_ptr, rm, m_ok, rr, r_ok, R, True, DOT_PREC, BLOCK_M, BLOCK_R, BLOCK_C)
-    tl.debug_barrier()  # every slice of h1 is read before hd is overwritten
-    h2 = tl.maximum(z2 + tl.load(bs_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)[None, :], 0.0)
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-        offs = (rm[:, None] * R + rr[None, :]).to(tl.int32)
-        keep = tl.rand(seed, offs) >= p_drop
-        h2 = tl.where(keep, h2 / (1.0 - p_drop), 0.0)
-    tl.store(hd_ptr + out, h2.to(hd_ptr.dtype.element_ty), mask=io)
+    _msta_bottleneck_rows(u_ptr, wd_ptr, bd_ptr, ws_ptr, bs_ptr, seed_ptr, h1_ptr, hd_ptr, rm, rm < M, D, R, p_drop,
+                          HAS_DROPOUT, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_C)
 
 
 @triton.jit
 def _msta_bottleneck_bwd_kernel(u_ptr, dy_ptr, wd_ptr, bd_ptr, ws_ptr, bs_ptr, wu_ptr, wt_ptr, seed_ptr,
                                 hd_ptr, h1_ptr, dz2_ptr, dz1_ptr, part_ptr, M, D, R, TOK, T, GROUP, p_drop,
                                 HAS_DROPOUT: tl.constexpr, O_TAPS: tl.constexpr, DOT_PREC: tl.constexpr,
-                                BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                                BLOCK_C: tl.constexpr):
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                BLOCK_C: tl.constexpr, BLOCK_CT: tl.constexpr, BLOCK_G: tl.constexpr):
     """MSTA bottleneck backward with the forward bottleneck recomputed on chip.
 
     Inputs: ``u`` and ``dy = dA`` contiguous (M, D) (the gradient scaling has already
     cancelled: weights see ``dA = dy``), ``Wd`` (R, D), ``Ws`` (R, R), ``Wu`` (D, R),
-    ``w_tconv`` (D, 3). One loop over D accumulates both ``u @ Wd^T`` and
-    ``dhd = dA @ Wu + up_t^T(dA)``, where with ``O_TAPS`` on patch rows
-    ``up_t^T(dA)[m, c] = sum_{o: o // GROUP == c} wt[o,0] dA[next, o] + wt[o,1] dA[m, o] +
-    wt[o,2] dA[prev, o]`` (the group sum is a dot with a 0/1 matrix, in the input dtype). Then
-    ``h1 = relu(.)``, ``h2 = relu(h1 Ws^T + bs)``, the dropout mask from the same seed
-    as forward, ``dz2 = dhd * keep/(1-p) * [h2 > 0]``, ``dz1 = (dz2 @ Ws) * [h1 > 0]``.
+    ``w_tconv`` (D, 3). Steps, each GEMM one BLOCK_N-wide column block at a time (one
+    fp32 accumulator live):
+
+    1. ``h1 = relu(u Wd^T + bd)``, ``hd = dropout(relu(h1 Ws^T + bs))`` to ``h1``/``hd``
+       (:func:`_msta_bottleneck_rows`, the forward's code and mask).
+    2. dA's column sums; with ``O_TAPS`` also the grouped temporal up-projection's
+       transpose on patch rows, ``up_t^T(dA)[m, c] = sum_{o // GROUP == c} wt[o,0] dA[next, o]
+       + wt[o,1] dA[m, o] + wt[o,2] dA[prev, o]``: (rows, BLOCK_CT channels, BLOCK_G group
+       members) tiles summed over the member axis (``tl.sum``, no GEMM), into ``dz2`` as
+       scratch.
+    3. ``dhd = dA Wu (+ step 2)``; ``dz2 = dhd * keep/(1-p) * [h2 > 0]``, read as
+       ``[hd > 0]`` from the stored ``hd`` (a kept positive value is non-zero).
+    4. ``dz1 = (dz2 Ws) * [h1 > 0]`` with the stored (rounded) h1, as eager autograd does.
+
     Writes ``hd`` (for dWu), ``h1`` and ``dz2`` (for dWs), ``dz1`` (for dWd and du), all
     (M, R), and this row tile's fp32 column sums into ``part[pid_m]``, a row of
     ``2D + 2R`` floats: ``[0, D)`` sum of dA over all rows (up bias), ``[D, 2D)`` over
@@ -471,84 +506,90 @@ def _msta_bottleneck_bwd_kernel(u_ptr, dy_ptr, wd_ptr, bd_ptr, ws_ptr, bs_ptr, w
     p_drop = tl.cast(p_drop, tl.float32)
     pid_m = tl.program_id(0).to(tl.int64)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rr = tl.arange(0, BLOCK_R)
-    rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
-    r_ok = rr < R
-    t = (rm // TOK) % T
-    patch = m_ok & (rm % TOK != 0)
-    has_prev = patch & (t > 0)
-    has_next = patch & (t < T - 1)
     part = part_ptr + pid_m * (2 * D + 2 * R)
-    acc1 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        kk = k0 + rk
-        k_ok = kk < D
-        io = m_ok[:, None] & k_ok[None, :]
-        a = tl.load(u_ptr + rm[:, None] * D + kk[None, :], mask=io, other=0.0)
-        w = tl.load(wd_ptr + rr[None, :] * D + kk[:, None], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-        acc1 = tl.dot(a, w, acc1, input_precision=DOT_PREC)
-        g = tl.load(dy_ptr + rm[:, None] * D + kk[None, :], mask=io, other=0.0)
-        wu = tl.load(wu_ptr + kk[:, None] * R + rr[None, :], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-        acc2 = tl.dot(g, wu, acc2, input_precision=DOT_PREC)
-        gf = g.to(tl.float32)
-        tl.store(part + kk, tl.sum(gf, axis=0), mask=k_ok)
+    _msta_bottleneck_rows(u_ptr, wd_ptr, bd_ptr, ws_ptr, bs_ptr, seed_ptr, h1_ptr, hd_ptr, rm, m_ok, D, R, p_drop,
+                          HAS_DROPOUT, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_C)
+    # dA's column sums (and with O_TAPS the temporal group sums), in a pass of their own
+    # so the GEMM loop below streams dA straight into shared memory
+    tile = pid_m * BLOCK_M * D  # 64-bit offset of this row tile; offsets below are 32-bit
+    local = tl.arange(0, BLOCK_M)
+    if O_TAPS:
+        t = (rm // TOK) % T
+        patch = m_ok & (rm % TOK != 0)
+        has_prev = (patch & (t > 0))[:, None, None]
+        has_next = (patch & (t < T - 1))[:, None, None]
+        rows = (local * D)[:, None, None]
+        for c0 in range(0, R, BLOCK_CT):
+            ch = c0 + tl.arange(0, BLOCK_CT)
+            c_ok = ch < R
+            tsum = tl.zeros((BLOCK_M, BLOCK_CT), dtype=tl.float32)
+            for g0 in range(0, GROUP, BLOCK_G):
+                g = g0 + tl.arange(0, BLOCK_G)
+                o = ch[:, None] * GROUP + g[None, :]  # (channel, member) -> output column
+                o_ok = c_ok[:, None] & (g < GROUP)[None, :]
+                o3_ok = o_ok[None, :, :]
+                nb = dy_ptr + tile + (rows + o[None, :, :])
+                ga = tl.load(nb, mask=m_ok[:, None, None] & o3_ok, other=0.0).to(tl.float32)
+                tl.store(part + o, tl.sum(ga, axis=0), mask=o_ok)
+                gc = tl.where(patch[:, None, None], ga, 0.0)
+                tl.store(part + D + o, tl.sum(gc, axis=0), mask=o_ok)
+                q = gc * tl.load(wt_ptr + o * 3 + 1, mask=o_ok, other=0.0).to(tl.float32)[None, :, :]
+                gn = tl.load(nb + TOK * D, mask=has_next & o3_ok, other=0.0).to(tl.float32)
+                q += gn * tl.load(wt_ptr + o * 3 + 0, mask=o_ok, other=0.0).to(tl.float32)[None, :, :]
+                gp = tl.load(nb - TOK * D, mask=has_prev & o3_ok, other=0.0).to(tl.float32)
+                q += gp * tl.load(wt_ptr + o * 3 + 2, mask=o_ok, other=0.0).to(tl.float32)[None, :, :]
+                tsum += tl.sum(q, axis=2)
+            tl.store(dz2_ptr + rm[:, None] * R + ch[None, :], tsum.to(dz2_ptr.dtype.element_ty),
+                     mask=m_ok[:, None] & c_ok[None, :])
+    else:
+        rk = tl.arange(0, BLOCK_K)
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + rk
+            k_ok = kk < D
+            g = tl.load(dy_ptr + tile + (local[:, None] * D + kk[None, :]), mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            tl.store(part + kk, tl.sum(g.to(tl.float32), axis=0), mask=k_ok)
+    tl.debug_barrier()  # hd (and the tap sums in dz2) are written before they are read back
+    for n0 in range(0, R, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        n_ok = rn < R
+        io = m_ok[:, None] & n_ok[None, :]
+        out = rm[:, None] * R + rn[None, :]
+        acc = _rows_times(dy_ptr, D, wu_ptr, 1, R, rm, m_ok, rn, n_ok, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K)
         if O_TAPS:
-            w1 = tl.load(wt_ptr + kk * 3 + 1, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-            q = gf * w1
-            tl.store(part + D + kk, tl.sum(tl.where(patch[:, None], gf, 0.0), axis=0), mask=k_ok)
-            w0 = tl.load(wt_ptr + kk * 3 + 0, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-            gn = tl.load(dy_ptr + (rm + TOK)[:, None] * D + kk[None, :], mask=has_next[:, None] & k_ok[None, :],
-                         other=0.0)
-            q += w0 * gn.to(tl.float32)
-            w2 = tl.load(wt_ptr + kk * 3 + 2, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-            gp = tl.load(dy_ptr + (rm - TOK)[:, None] * D + kk[None, :], mask=has_prev[:, None] & k_ok[None, :],
-                         other=0.0)
-            q += w2 * gp.to(tl.float32)
-            q = tl.where(patch[:, None], q, 0.0).to(dy_ptr.dtype.element_ty)
-            group = tl.where((kk[:, None] // GROUP == rr[None, :]) & k_ok[:, None], 1.0, 0.0)
-            acc2 = tl.dot(q, group.to(dy_ptr.dtype.element_ty), acc2, input_precision=DOT_PREC)
-    h1 = tl.maximum(acc1 + tl.load(bd_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)[None, :], 0.0)
-    io = m_ok[:, None] & r_ok[None, :]
-    out = rm[:, None] * R + rr[None, :]
-    tl.store(h1_ptr + out, h1.to(h1_ptr.dtype.element_ty), mask=io)
-    tl.debug_barrier()
-    z2 = _rows_at_shared(h1_ptr, ws_ptr, rm, m_ok, rr, r_ok, R, True, DOT_PREC, BLOCK_M, BLOCK_R, BLOCK_C)
-    h2 = tl.maximum(z2 + tl.load(bs_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)[None, :], 0.0)
-    dh2 = acc2
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-        offs = (rm[:, None] * R + rr[None, :]).to(tl.int32)
-        keep = tl.rand(seed, offs) >= p_drop
-        h2 = tl.where(keep, h2 / (1.0 - p_drop), 0.0)
-        dh2 = tl.where(keep, dh2 / (1.0 - p_drop), 0.0)
-    tl.store(hd_ptr + out, h2.to(hd_ptr.dtype.element_ty), mask=io)
-    # h2 > 0 before dropout; a dropped element has no gradient either way
-    dz2c = tl.where(h2 > 0.0, dh2, 0.0).to(dz2_ptr.dtype.element_ty)
-    tl.store(dz2_ptr + out, dz2c, mask=io)
-    tl.store(part + 2 * D + rr, tl.sum(dz2c.to(tl.float32), axis=0), mask=r_ok)
-    tl.debug_barrier()
-    dh1 = _rows_at_shared(dz2_ptr, ws_ptr, rm, m_ok, rr, r_ok, R, False, DOT_PREC, BLOCK_M, BLOCK_R, BLOCK_C)
-    # relu's gradient from the stored (rounded) h1, as eager autograd does
-    h1s = tl.load(h1_ptr + out, mask=io, other=0.0)
-    dz1c = tl.where(h1s > 0.0, dh1, 0.0).to(dz1_ptr.dtype.element_ty)
-    tl.store(dz1_ptr + out, dz1c, mask=io)
-    tl.store(part + 2 * D + R + rr, tl.sum(dz1c.to(tl.float32), axis=0), mask=r_ok)
+            acc += tl.load(dz2_ptr + out, mask=io, other=0.0).to(tl.float32)
+        if HAS_DROPOUT:
+            acc = acc / (1.0 - p_drop)
+        hd = tl.load(hd_ptr + out, mask=io, other=0.0)
+        dz2c = tl.where(hd > 0.0, acc, 0.0).to(dz2_ptr.dtype.element_ty)
+        tl.debug_barrier()  # every thread has read its tap sums before dz2 overwrites them
+        tl.store(dz2_ptr + out, dz2c, mask=io)
+        tl.store(part + 2 * D + rn, tl.sum(dz2c.to(tl.float32), axis=0), mask=n_ok)
+    tl.debug_barrier()  # dz2 of all columns is written before it is read back
+    for n0 in range(0, R, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        n_ok = rn < R
+        io = m_ok[:, None] & n_ok[None, :]
+        out = rm[:, None] * R + rn[None, :]
+        dh1 = _rows_times(dz2_ptr, R, ws_ptr, 1, R, rm, m_ok, rn, n_ok, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_C)
+        h1s = tl.load(h1_ptr + out, mask=io, other=0.0)
+        dz1c = tl.where(h1s > 0.0, dh1, 0.0).to(dz1_ptr.dtype.element_ty)
+        tl.store(dz1_ptr + out, dz1c, mask=io)
+        tl.store(part + 2 * D + R + rn, tl.sum(dz1c.to(tl.float32), axis=0), mask=n_ok)
 
 
 @triton.jit
-def _keep_mask_kernel(seed_ptr, out_ptr, M, R, p_drop, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
-    """``out[m, c] = tl.rand(seed, m*R + c) >= p`` as 0/1 floats, the MSTA dropout rule."""
+def _keep_mask_kernel(seed_ptr, out_ptr, M, R, p_drop, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``out[m, c] = tl.rand(seed, m*R + c) >= p`` as 0/1 floats, the MSTA dropout rule.
+    Grid: ``(cdiv(M, BLOCK_M), cdiv(R, BLOCK_N))``."""
     p_drop = tl.cast(p_drop, tl.float32)
-    pid_m = tl.program_id(0).to(tl.int64)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rr = tl.arange(0, BLOCK_R)
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     seed = tl.load(seed_ptr)
-    offs = (rm[:, None] * R + rr[None, :]).to(tl.int32)
-    keep = tl.rand(seed, offs) >= p_drop
-    tl.store(out_ptr + rm[:, None] * R + rr[None, :], tl.where(keep, 1.0, 0.0),
-             mask=(rm < M)[:, None] & (rr < R)[None, :])
+    keep = tl.rand(seed, (rm[:, None] * R + rn[None, :]).to(tl.int32)) >= p_drop
+    tl.store(out_ptr + rm[:, None] * R + rn[None, :], tl.where(keep, 1.0, 0.0),
+             mask=(rm < M)[:, None] & (rn < R)[None, :])
 
 
 # --------------------------------------------------------------------- host launchers
@@ -639,7 +680,7 @@ def _st_backward(dy, x, w_down, b_down, w_conv, b_conv, w_up, num_frames, needs)
         part = torch.empty((triton.cdiv(m, bm), 5, r), device=x.device, dtype=torch.float32)
         _st_taps_bwd_kernel[(triton.cdiv(m, bm), triton.cdiv(r, br))](
             h, dg, w_conv, b_conv, g, dh, part, m, r, tok, num_frames, BLOCK_M=bm, BLOCK_R=br,
-            num_warps=c["num_warps"])
+            num_warps=c["num_warps"], num_stages=c["num_stages"])
         del h, dg
         sums = part.sum(0)
         if needs[5]:
@@ -678,9 +719,11 @@ def _msta_forward(u, w_down, b_down, w_shared, b_shared, w_up, b_up, w_tconv, b_
     m = u2.shape[0]
     hd = torch.empty((m, r), device=u.device, dtype=u.dtype)
     c = _msta_cfg(r, u.dtype)
+    # h1 passes through hd when one column block holds all of r, else through a scratch
+    h1 = hd if r <= c["BLOCK_N"] else torch.empty_like(hd)
     with device_guard(u):
         _msta_bottleneck_fwd_kernel[(triton.cdiv(m, c["BLOCK_M"]),)](
-            u2, w_down, b_down, w_shared, b_shared, seed, hd, m, d, r, float(dropout_p),
+            u2, w_down, b_down, w_shared, b_shared, seed, h1, hd, m, d, r, float(dropout_p),
             HAS_DROPOUT=dropout_p > 0.0, DOT_PREC=dot_precision(u.dtype), **c)
         _up(hd, w_up, b_up, None, out.view(-1, d), n=d, stride_wn=r, stride_wk=1, tok=tok,
             frames=num_frames if vision else 1, scale=scale, o_taps=(w_tconv, b_tconv) if vision else None,
@@ -726,7 +769,8 @@ def _msta_backward(dy, u, w_down, b_down, w_shared, b_shared, w_up, w_tconv, see
             bm, bn = tc["BLOCK_M"], 2 * tc["BLOCK_R"]
             tpart = torch.empty((triton.cdiv(m, bm), 3, d), device=dev, dtype=torch.float32)
             _msta_up_taps_grad_kernel[(triton.cdiv(m, bm), triton.cdiv(d, bn))](
-                dy2, hd, tpart, m, d, r, tok, frames, group, BLOCK_M=bm, BLOCK_N=bn, num_warps=tc["num_warps"])
+                dy2, hd, tpart, m, d, r, tok, frames, group, BLOCK_M=bm, BLOCK_N=bn, num_warps=tc["num_warps"],
+                num_stages=tc["num_stages"])
             out[7] = tpart.sum(0).t().contiguous().to(w_tconv.dtype)
         if needs[5]:
             out[5] = _wgrad(dy2, hd).to(w_up.dtype)
@@ -752,6 +796,12 @@ def _msta_backward(dy, u, w_down, b_down, w_shared, b_shared, w_up, w_tconv, see
 
 
 # ----------------------------------------------------------- sm_90 compile variants
+
+
+def _as_config(cfg):
+    """A launch-config dict (constexprs + num_warps/num_stages) as a ``triton.Config``."""
+    consts = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+    return triton.Config(consts, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1))
 
 
 def sm90_variants(dtypes=(torch.float32, torch.float16, torch.bfloat16)):
@@ -784,42 +834,37 @@ def sm90_variants(dtypes=(torch.float32, torch.float16, torch.bfloat16)):
                           _prune_gemm(_up_kernel.configs, fake, **flags),
                           aligned=("a_ptr", "w_ptr", "res_ptr", "out_ptr", "K", "N"))
         tc = _taps_cfg()
-        cfg = triton.Config({k: tc[k] for k in ("BLOCK_M", "BLOCK_R")}, num_warps=tc["num_warps"], num_stages=1)
+        cfg = triton.Config({k: tc[k] for k in ("BLOCK_M", "BLOCK_R")}, num_warps=tc["num_warps"],
+                            num_stages=tc["num_stages"])
         out += expand(f"_st_taps_bwd_kernel[{name}]", _st_taps_bwd_kernel,
                       dict(h_ptr=p, dg_ptr=p, taps_ptr=p, tbias_ptr=p, g_ptr=p, dh_ptr=p, part_ptr=f32, M=i32,
                            R=i32, TOK=i32, T=i32), {}, [cfg], aligned=("h_ptr", "dg_ptr", "g_ptr", "dh_ptr", "R"))
         cfg = triton.Config(dict(BLOCK_M=tc["BLOCK_M"], BLOCK_N=2 * tc["BLOCK_R"]), num_warps=tc["num_warps"],
-                            num_stages=1)
+                            num_stages=tc["num_stages"])
         out += expand(f"_msta_up_taps_grad_kernel[{name}]", _msta_up_taps_grad_kernel,
                       dict(dy_ptr=p, hd_ptr=p, part_ptr=f32, M=i32, D=i32, R=i32, TOK=i32, T=i32, GROUP=i32),
                       {}, [cfg], aligned=("dy_ptr", "hd_ptr", "D"))
-        # MSTA bottleneck kernels at every BLOCK_R up to the largest r this dtype takes
-        block_rs = [16 << i for i in range(5) if 16 << i <= _MSTA_MAX_R[dtype]]
-        for br in block_rs:
-            if dtype == dtypes[0]:  # the keep-mask kernel (dropout_keep_mask) writes fp32 whatever the dtype
-                mc = _msta_cfg(br)
-                out += expand("_keep_mask_kernel", _keep_mask_kernel,
-                              dict(seed_ptr=ptr(torch.int64), out_ptr=f32, M=i32, R=i32, p_drop="fp32"), {},
-                              [triton.Config({"BLOCK_M": mc["BLOCK_M"], "BLOCK_R": mc["BLOCK_R"]}, num_warps=4,
-                                             num_stages=1)], aligned=("out_ptr",))
-            for drop in (False, True):
-                mc = _msta_cfg(br, dtype)
-                cfg = triton.Config({k: mc[k] for k in ("BLOCK_M", "BLOCK_R", "BLOCK_K", "BLOCK_C")},
-                                    num_warps=mc["num_warps"], num_stages=mc["num_stages"])
+        if dtype == dtypes[0]:  # the keep-mask kernel (dropout_keep_mask) writes fp32 whatever the dtype
+            out += expand("_keep_mask_kernel", _keep_mask_kernel,
+                          dict(seed_ptr=ptr(torch.int64), out_ptr=f32, M=i32, R=i32, p_drop="fp32"), {},
+                          [_as_config(_KEEP_MASK_CFG)], aligned=("out_ptr",))
+        # MSTA bottleneck kernels at every column block width _msta_cfg gives (all r)
+        for drop in (False, True):
+            for bn in _msta_block_ns(dtype, bwd=False):
                 out += expand(f"_msta_bottleneck_fwd_kernel[{name},dropout={drop}]", _msta_bottleneck_fwd_kernel,
                               dict(u_ptr=p, wd_ptr=p, bd_ptr=p, ws_ptr=p, bs_ptr=p, seed_ptr=ptr(torch.int64),
-                                   hd_ptr=p, M=i32, D=i32, R=i32, p_drop="fp32"),
-                              dict(HAS_DROPOUT=drop, DOT_PREC=prec), [cfg], aligned=("u_ptr", "wd_ptr", "D"))
-                mc = _msta_cfg(br, dtype, bwd=True)
-                cfg = triton.Config({k: mc[k] for k in ("BLOCK_M", "BLOCK_R", "BLOCK_K", "BLOCK_C")},
-                                    num_warps=mc["num_warps"], num_stages=mc["num_stages"])
+                                   h1_ptr=p, hd_ptr=p, M=i32, D=i32, R=i32, p_drop="fp32"),
+                              dict(HAS_DROPOUT=drop, DOT_PREC=prec), [_as_config(_msta_cfg(bn, dtype))],
+                              aligned=("u_ptr", "wd_ptr", "D"))
+            for bn in _msta_block_ns(dtype, bwd=True):
                 for taps in (False, True):
                     out += expand(f"_msta_bottleneck_bwd_kernel[{name},dropout={drop},o_taps={taps}]",
                                   _msta_bottleneck_bwd_kernel,
                                   dict(u_ptr=p, dy_ptr=p, wd_ptr=p, bd_ptr=p, ws_ptr=p, bs_ptr=p, wu_ptr=p, wt_ptr=p,
                                        seed_ptr=ptr(torch.int64), hd_ptr=p, h1_ptr=p, dz2_ptr=p, dz1_ptr=p,
                                        part_ptr=f32, M=i32, D=i32, R=i32, TOK=i32, T=i32, GROUP=i32, p_drop="fp32"),
-                                  dict(HAS_DROPOUT=drop, O_TAPS=taps, DOT_PREC=prec), [cfg],
+                                  dict(HAS_DROPOUT=drop, O_TAPS=taps, DOT_PREC=prec),
+                                  [_as_config(_msta_cfg(bn, dtype, bwd=True))],
                                   aligned=("u_ptr", "dy_ptr", "wd_ptr", "wu_ptr", "D"))
     return out
 
@@ -955,10 +1000,10 @@ def msta_adapter_triton(u, w_down, b_down, w_shared, b_shared, w_up, b_up, w_tco
 def dropout_keep_mask(seed: Tensor, rows: int, r: int, p: float) -> Tensor:
     """The (rows, r) keep mask the MSTA kernels use for ``seed`` (for tests and debugging)."""
     keep = torch.empty((rows, r), device=seed.device, dtype=torch.float32)
-    c = _msta_cfg(r)
+    c = _KEEP_MASK_CFG
     with device_guard(seed):
-        _keep_mask_kernel[(triton.cdiv(rows, c["BLOCK_M"]),)](seed, keep, rows, r, float(p), BLOCK_M=c["BLOCK_M"],
-                                                              BLOCK_R=c["BLOCK_R"])
+        _keep_mask_kernel[(triton.cdiv(rows, c["BLOCK_M"]), triton.cdiv(r, c["BLOCK_N"]))](
+            seed, keep, rows, r, float(p), **c)
     return keep.bool()
 
 
@@ -975,12 +1020,6 @@ def _msta_reasons(u, w_down, b_down, w_shared, b_shared, w_up, b_up, w_tconv=Non
     if layout != "bt" and w_tconv is not None:
         why.append(f"layout={layout!r} (ViCLIP clip tokens) is not implemented in the Triton kernels; "
                    "they read temporal neighbours in the per-frame (b t) layout")
-    r = w_down.shape[0]
-    dtype = autocast_dtype(u.device.type) or u.dtype
-    max_r = _MSTA_MAX_R.get(dtype, 0)
-    if max_r and r > max_r:
-        why.append(f"bottleneck r={r} is larger than {max_r} for {dtype}: the MSTA kernels keep the whole "
-                   "(rows, r) tile and the shared (r, r) weight on chip")
     return why
 
 

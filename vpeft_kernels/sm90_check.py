@@ -34,27 +34,6 @@ from typing import Dict, List, Optional
 
 H100_MAX_SHARED = 227 * 1024  # bytes one block may use (opt-in limit of sm_90)
 
-# Variants known to spill that are NOT fixed yet (issue 16, see /work/notes/issue-16.md):
-# the MSTA bottleneck kernels keep two (rows, r) fp32 accumulators live at r >= 128.
-# They are reported as "known spill"; any other problem fails the check. Remove an
-# entry when its variant compiles clean (the check says so: "known spill fixed").
-KNOWN_SPILLS = (
-    "_msta_bottleneck_bwd_kernel[bfloat16,dropout=False,o_taps=True][BLOCK_M=64,BLOCK_R=128",
-    "_msta_bottleneck_bwd_kernel[bfloat16,dropout=True,o_taps=True][BLOCK_M=64,BLOCK_R=128",
-    "_msta_bottleneck_fwd_kernel[bfloat16,dropout=False][BLOCK_M=64,BLOCK_R=256",
-    "_msta_bottleneck_fwd_kernel[bfloat16,dropout=True][BLOCK_M=64,BLOCK_R=256",
-    "_msta_bottleneck_bwd_kernel[bfloat16,dropout=False,o_taps=False][BLOCK_M=64,BLOCK_R=256",
-    "_msta_bottleneck_bwd_kernel[bfloat16,dropout=False,o_taps=True][BLOCK_M=64,BLOCK_R=256",
-    "_msta_bottleneck_bwd_kernel[bfloat16,dropout=True,o_taps=False][BLOCK_M=64,BLOCK_R=256",
-    "_msta_bottleneck_bwd_kernel[bfloat16,dropout=True,o_taps=True][BLOCK_M=64,BLOCK_R=256",
-    # fp32 (3xTF32 triples the dot operands): the MSTA backward spills from r=32 on (20 B-1.2 KB)
-    "_msta_bottleneck_bwd_kernel[float32,",
-)
-
-
-def known_spill(label: str) -> bool:
-    """Whether ``label`` is one of the documented, not yet fixed spilling variants."""
-    return label.startswith(KNOWN_SPILLS)
 _PTR_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int64": "i64", "int32": "i32"}
 
 
@@ -232,18 +211,16 @@ def main(argv=None) -> int:
 
     check(vs, jobs=args.jobs, progress=progress)
     print(table(vs))
-    for v in vs:
-        v.result["known_spill"] = known_spill(v.label)
-        if v.result["known_spill"] and not v.result["problems"]:
-            print(f"known spill fixed, remove it from KNOWN_SPILLS: {v.label}")
-    known = [v for v in vs if v.result["problems"] and v.result["known_spill"]]
-    bad = [v for v in vs if v.result["problems"] and not v.result["known_spill"]]
-    if known:
-        print(f"{len(known)} known spilling variants (not fixed yet, listed in KNOWN_SPILLS)")
+    bad = [v for v in vs if v.result["problems"]]
     if args.json:
         with open(args.json, "w") as f:
             json.dump([{"label": v.label, **v.result} for v in vs], f, indent=1)
-    print(f"{len(vs)} variants compiled for sm_90, {len(bad)} with problems outside KNOWN_SPILLS")
+    compiled = [v.result for v in vs if "regs" in v.result]
+    if compiled:
+        print(f"max registers {max(r['regs'] for r in compiled)}, max spill stores "
+              f"{max(r['spill_stores'] for r in compiled)} B, max shared memory {max(r['shared'] for r in compiled)} B "
+              f"(limit {H100_MAX_SHARED} B)")
+    print(f"{len(vs)} variants compiled for sm_90, {len(bad)} with problems")
     return 1 if bad else 0
 
 

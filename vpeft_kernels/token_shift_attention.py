@@ -56,43 +56,58 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 # Block sizes. The interpreter costs about the same per program instance whatever the
 # block size, and it cannot autotune over several configs without a GPU, so it gets one
 # small config (which also makes tiny test shapes span several blocks and a tail).
-# vpeft_kernels.sm90_check compiles every GPU config for sm_90 at every head dim;
-# _prune_attention drops the ones that spill there.
+# On the GPU each (kernel, fp32 or 16-bit, head dim) has its own table of configs
+# (BLOCK_M, BLOCK_N, warps, stages): those that compile for sm_90 without register
+# spills and within 227 KB of shared memory (`python -m vpeft_kernels.sm90_check
+# --filter _tsa`); the autotuner only ever sees that table (_prune_attention), and the
+# sm_90 check compiles exactly it. fp32 dots are 3xTF32 (three operand splits), so fp32
+# takes smaller tiles; at head dim 128 the fp32 backward also computes dq in a pass of
+# its own (SPLIT_DQ), with one clean tile. Every (dtype, supported head dim) has configs.
 
-_FWD_GPU = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 3)]
-_BWD_GPU = [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (128, 64, 8, 2),
-            (32, 32, 8, 2)]
-
-
-def _configs(table):
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for (m, n, w, st) in table]
-
-
-# (kernel, HEAD_DIM) -> configs (BLOCK_M, BLOCK_N, warps) that spill on sm_90, found by
-# `python -m vpeft_kernels.sm90_check --dtypes bfloat16` (bf16; the same tiles serve fp16/fp32)
-_SPILLS = {
-    ("bwd", 16): {(32, 32, 4)},
-    ("bwd", 64): {(64, 32, 4)},
-    ("fwd", 128): {(128, 64, 4)},
-    ("bwd", 128): {(64, 64, 4), (64, 64, 8), (32, 64, 4), (64, 32, 4), (32, 32, 4), (128, 64, 8)},
+_F16 = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 3)]
+_B16 = [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (128, 64, 8, 2),
+        (32, 32, 8, 2)]
+_GPU_TABLES = {  # (kernel, fp32) -> {head dim: configs}
+    ("fwd", False): {16: _F16, 32: _F16, 64: _F16, 128: [c for c in _F16 if c != (128, 64, 4, 2)]},
+    ("fwd", True): {16: _F16[:2] + _F16[3:], 32: _F16[:2] + _F16[3:],
+                    64: [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)], 128: [(64, 32, 4, 3)]},
+    ("bwd", False): {16: [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
+                     32: _B16, 64: [c for c in _B16 if c != (64, 32, 4, 2)], 128: [(32, 32, 8, 2)]},
+    ("bwd", True): {16: [(32, 64, 4, 2), (32, 32, 8, 2)], 32: [(16, 32, 4, 2), (16, 16, 4, 2), (16, 32, 8, 2)],
+                    64: [(16, 16, 8, 2), (16, 16, 4, 2), (16, 32, 8, 2)], 128: [(16, 16, 8, 1)]},  # SPLIT_DQ
 }
 
 
+def _gpu_table(kernel: str, dtype: torch.dtype, head_dim: int):
+    """The GPU configs ``kernel`` ("fwd"/"bwd") may be tuned over for this dtype and head dim."""
+    return _GPU_TABLES[kernel, dtype == torch.float32].get(head_dim, [])
+
+
+def _configs(kernel):
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    table = dict.fromkeys(c for fp32 in (False, True) for cs in _GPU_TABLES[kernel, fp32].values() for c in cs)
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for (m, n, w, st) in table]
+
+
 def _prune_attention(kernel):
+    """``early_config_prune`` of the autotuner: the configs of this call's table."""
     def prune(configs, named_args, **kwargs):
-        hd = kwargs.get("HEAD_DIM")
-        bad = _SPILLS.get((kernel, hd), ())
-        keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) not in bad]
-        return keep or configs[:1]
+        table = set(_gpu_table(kernel, named_args["QKV"].dtype, kwargs["HEAD_DIM"]))
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in table]
     return prune
+
+
+def _split_dq(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the backward computes dq in a pass of its own (``SPLIT_DQ``): fp32 at head
+    dim 128, where dq, dk and dv together spill at every tile size on sm_90."""
+    return dtype == torch.float32 and head_dim >= 128
 
 
 # --------------------------------------------------------------------------- kernels
 
 
-@triton.autotune(configs=_configs(_FWD_GPU), key=["N", "HEAD_DIM"],
+@triton.autotune(configs=_configs("fwd"), key=["N", "HEAD_DIM"],
                  prune_configs_by={"early_config_prune": _prune_attention("fwd")})
 @triton.jit
 def _tsa_fwd_kernel(QKV, KVC, O, LSE, sm_scale: tl.float32, N, H,
@@ -165,11 +180,11 @@ def _tsa_fwd_kernel(QKV, KVC, O, LSE, sm_scale: tl.float32, N, H,
     tl.store(LSE + pid_fh * N + offs_m, lse, mask=m_valid)
 
 
-@triton.autotune(configs=_configs(_BWD_GPU), key=["N", "HEAD_DIM"],
+@triton.autotune(configs=_configs("bwd"), key=["N", "HEAD_DIM"],
                  prune_configs_by={"early_config_prune": _prune_attention("bwd")})
 @triton.jit
 def _tsa_bwd_kernel(QKV, KVC, O, DO, LSE, DQKV, DQ, DELTA, PART, sm_scale: tl.float32, N, H,
-                    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_DQ: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The whole attention backward of one (frame, head) in one program (grid ``(F*H,)``).
 
@@ -186,6 +201,9 @@ def _tsa_bwd_kernel(QKV, KVC, O, DO, LSE, DQKV, DQ, DELTA, PART, sm_scale: tl.fl
        ``s = q k^T``, ``dp = dO v^T``, ``dv += p^T dO``, ``dk += ds^T q``, ``dq += ds k``
        (dq read-modify-written in DQ; dk, dv stay in registers and are written once).
     3. ``dq * a`` to the q columns of DQKV ``(F, N, 3d)``; dk, dv went to its k, v columns.
+    ``SPLIT_DQ`` (fp32 at head dim 128, see :func:`_split_dq`): step 2 leaves dq out (four
+    matmuls) and step 3 is a pass of its own per query block over the key blocks that
+    recomputes s and dp (three matmuls), so dq never shares registers with dk and dv.
     Layouts as in the forward kernel.
     """
     pid_fh = tl.program_id(0).to(tl.int64)
@@ -249,19 +267,38 @@ def _tsa_bwd_kernel(QKV, KVC, O, DO, LSE, DQKV, DQ, DELTA, PART, sm_scale: tl.fl
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             ds = (p * (dp - delta[:, None])).to(q.dtype)
             dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
-            dq_ptrs = dq_base + rows[:, None] * HEAD_DIM + offs_d[None, :]
-            dq = tl.load(dq_ptrs, mask=m_valid[:, None], other=0.0)
-            dq += tl.dot(ds, k, input_precision=DOT_PRECISION)
-            tl.store(dq_ptrs, dq, mask=m_valid[:, None])
+            if not SPLIT_DQ:
+                dq_ptrs = dq_base + rows[:, None] * HEAD_DIM + offs_d[None, :]
+                dq = tl.load(dq_ptrs, mask=m_valid[:, None], other=0.0)
+                dq += tl.dot(ds, k, input_precision=DOT_PRECISION)
+                tl.store(dq_ptrs, dq, mask=m_valid[:, None])
         out = DQKV + f * N * row_stride + h * HEAD_DIM + cols[:, None] * row_stride + offs_d[None, :]
         tl.store(out + d, (dk * sm_scale).to(DQKV.dtype.element_ty), mask=n_valid[:, None])
         tl.store(out + 2 * d, dv.to(DQKV.dtype.element_ty), mask=n_valid[:, None])
-        tl.debug_barrier()  # the next key block re-reads DQ
+        if not SPLIT_DQ:
+            tl.debug_barrier()  # the next key block re-reads DQ
 
     for start_m in range(0, N, BLOCK_M):
         rows = start_m + offs_m0
         m_valid = rows < N
         dq = tl.load(dq_base + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+        if SPLIT_DQ:  # dq = ds0 kc (step 1) + sum over key blocks of ds k
+            q = tl.load(q_base + rows[:, None] * row_stride + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+            do = tl.load(DO + od_base + rows[:, None] * d + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+            lse2 = tl.load(LSE + pid_fh * N + rows, mask=m_valid, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + pid_fh * N + rows, mask=m_valid, other=0.0)
+            for start_n in range(0, N, BLOCK_N):
+                cols = start_n + offs_n0
+                n_valid = cols < N
+                k = tl.load(q_base + d + cols[:, None] * row_stride + offs_d[None, :], mask=n_valid[:, None],
+                            other=0.0)
+                v = tl.load(q_base + 2 * d + cols[:, None] * row_stride + offs_d[None, :], mask=n_valid[:, None],
+                            other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+                p = tl.where(m_valid[:, None] & n_valid[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+                ds = (p * (dp - delta[:, None])).to(q.dtype)
+                dq += tl.dot(ds, k, input_precision=DOT_PRECISION)
         tl.store(DQKV + f * N * row_stride + h * HEAD_DIM + rows[:, None] * row_stride + offs_d[None, :],
                  (dq * sm_scale).to(DQKV.dtype.element_ty), mask=m_valid[:, None])
 
@@ -297,7 +334,8 @@ def _attention_core_backward(qkv, kv_cls, o, lse, do, num_heads):
     part = torch.empty((fr * num_heads, 2, hd), device=qkv.device, dtype=torch.float32)
     with device_guard(qkv):
         _tsa_bwd_kernel[(fr * num_heads,)](qkv, kv_cls, o, do, lse, dqkv, dq, delta, part, float(hd ** -0.5),
-                                           n, num_heads, HEAD_DIM=hd, DOT_PRECISION=dot_precision(qkv.dtype))
+                                           n, num_heads, HEAD_DIM=hd, DOT_PRECISION=dot_precision(qkv.dtype),
+                                           SPLIT_DQ=_split_dq(qkv.dtype, hd))
     # (F*H, 2, hd) -> (F, 2, H, hd) -> (F, 2d): the same layout as kv_cls
     dkv_cls = part.view(fr, num_heads, 2, hd).transpose(1, 2).reshape(fr, 2 * d)
     return dqkv, dkv_cls
@@ -503,7 +541,10 @@ _backend.register("token_shift_attention", "triton", token_shift_attention_trito
 
 def sm90_variants(dtypes=(torch.float32, torch.float16, torch.bfloat16)):
     """Every GPU launch of the attention kernels for :mod:`vpeft_kernels.sm90_check`: each
-    supported head dim, fp32/fp16/bf16, each autotune config."""
+    supported head dim, fp32/fp16/bf16, each autotune config that survives the autotuner's
+    prune for that dtype and head dim."""
+    from types import SimpleNamespace
+
     from .sm90_check import expand, ptr
     out = []
     f32, i32 = ptr(torch.float32), "i32"
@@ -511,13 +552,15 @@ def sm90_variants(dtypes=(torch.float32, torch.float16, torch.bfloat16)):
         p, prec, name = ptr(dtype), dot_precision(dtype), str(dtype).replace("torch.", "")
         for hd in SUPPORTED_HEAD_DIMS:
             consts = dict(HEAD_DIM=hd, DOT_PRECISION=prec)
+            args = {"QKV": SimpleNamespace(dtype=dtype)}  # what the autotuner's prune reads
             out += expand(f"_tsa_fwd_kernel[{name},hd={hd}]", _tsa_fwd_kernel,
-                          dict(QKV=p, KVC=p, O=p, LSE=f32, sm_scale="fp32", N=i32, H=i32), consts,
-                          _prune_attention("fwd")(_tsa_fwd_kernel.configs, {}, HEAD_DIM=hd),
+                          dict(QKV=p, KVC=p, O=p, LSE=f32, sm_scale="fp32", N=i32, H=i32), dict(consts),
+                          _prune_attention("fwd")(_tsa_fwd_kernel.configs, args, HEAD_DIM=hd),
                           aligned=("QKV", "KVC", "O", "LSE"))
             out += expand(f"_tsa_bwd_kernel[{name},hd={hd}]", _tsa_bwd_kernel,
                           dict(QKV=p, KVC=p, O=p, DO=p, LSE=f32, DQKV=p, DQ=f32, DELTA=f32, PART=f32, sm_scale="fp32",
                                N=i32, H=i32),
-                          consts, _prune_attention("bwd")(_tsa_bwd_kernel.configs, {}, HEAD_DIM=hd),
+                          dict(consts, SPLIT_DQ=_split_dq(dtype, hd)),
+                          _prune_attention("bwd")(_tsa_bwd_kernel.configs, args, HEAD_DIM=hd),
                           aligned=("QKV", "KVC", "O", "DO", "LSE", "DQKV", "DQ"))
     return out
