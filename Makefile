@@ -2,13 +2,14 @@
 #   make demo   - create .venv, install vpeft, run the built-in demo
 #   make test   - create .venv, install vpeft with dev extras, run the test suite
 #   make check-cuda - compile and load the CUDA kernels with this machine's nvcc (no GPU)
+#   make check-sm90 - compile every Triton kernel config for sm_90 (no GPU): no spills, shared memory fits
 #   make docs-check - run every shell and Python example of README.md as written
 # PYTHON picks the interpreter used to create the virtual environment.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench check-cuda docs-check clean
+.PHONY: install demo test bench check-cuda check-sm90 docs-check clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +37,9 @@ docs-check: install
 
 check-cuda: install
 	PYTHON=$(BIN)/python scripts/check_cuda_compile.sh
+
+check-sm90: install
+	env -u TRITON_INTERPRET $(BIN)/python -m vpeft_kernels.sm90_check --jobs $${MAX_JOBS:-2}
 
 bench: install
 	$(BIN)/python -m pytest benchmarks/ --benchmark-only -q
