@@ -159,3 +159,11 @@ def test_bare_timm_vit_has_no_text_for_msta():
     assert vm.text_tower is None
     with pytest.raises(ValueError, match="no text tower"):
         vpeft.adapt(create_backbone("tiny-timm-vit"), "msta", num_frames=2, bottleneck=32, text=True)
+
+
+def test_coca_text_decoder_is_initialised():
+    """open_clip leaves CoCa's text_decoder.text_projection as torch.empty: a random build must
+    initialise it (garbage up to 1e36 made 'frozen parameter changed' checks fail at random)."""
+    for _ in range(3):
+        p = create_backbone("tiny-coca").text_decoder.text_projection
+        assert torch.isfinite(p).all() and 0 < p.abs().max() < 10

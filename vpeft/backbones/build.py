@@ -107,7 +107,22 @@ def create_model(name: str, *, device: Union[str, torch.device] = "cpu",
                              f"its vision tower alone with create_vision_tower({name!r})")
     with construct_on(device, dtype):
         model = cls(**cfg)
-    return model.eval()
+    return _init_text_decoder(model).eval()
+
+
+def _init_text_decoder(model: nn.Module) -> nn.Module:
+    """open_clip's ``MultimodalTransformer`` (CoCa's text decoder) never initialises its
+    ``text_projection`` (its ``init_parameters`` is not called and, in open_clip 3.3, would
+    fail: it reads ``self.transformer``), so the parameter keeps whatever ``torch.empty``
+    held (up to 1e36, or NaN) until a checkpoint overwrites it. Give it open_clip's intended
+    init, normal with std ``width ** -0.5``, so a model built without weights is a
+    well-defined random model."""
+    decoder = getattr(model, "text_decoder", None)
+    proj = getattr(decoder, "text_projection", None)
+    if isinstance(proj, nn.Parameter):
+        with torch.no_grad():
+            nn.init.normal_(proj, std=decoder.width ** -0.5)
+    return model
 
 
 def create_tiny_eva(*, depth: int = 4, image_size: int = 56, post_norm: bool = True,
@@ -240,10 +255,11 @@ def _tiny_coca(num_frames, device, dtype):
     import open_clip
 
     with construct_on(device, dtype):
-        return open_clip.CoCa(embed_dim=32, vision_cfg=dict(_TINY_VISION, attentional_pool=True, attn_pooler_heads=2,
-                                                             attn_pooler_queries=8, output_tokens=True),
-                              text_cfg=dict(_TINY_TEXT, embed_cls=True, output_tokens=True),
-                              multimodal_cfg=dict(context_length=16, vocab_size=100, width=32, heads=2, layers=1))
+        model = open_clip.CoCa(embed_dim=32, vision_cfg=dict(_TINY_VISION, attentional_pool=True, attn_pooler_heads=2,
+                                                              attn_pooler_queries=8, output_tokens=True),
+                               text_cfg=dict(_TINY_TEXT, embed_cls=True, output_tokens=True),
+                               multimodal_cfg=dict(context_length=16, vocab_size=100, width=32, heads=2, layers=1))
+    return _init_text_decoder(model)
 
 
 TINY_VICLIP: Dict[str, Any] = dict(image_size=32, patch_size=8, vision_width=64, vision_layers=3, vision_heads=2,
