@@ -172,13 +172,22 @@ def test_estimated_step(benchmark, estimate_records, bench_env, backbone, preset
         profiling.method_options(preset, spec)
     except ValueError as exc:
         pytest.skip(str(exc))
-    benchmark.group = f"estimate {backbone} T{frames}"
-    rep = benchmark.pedantic(lambda: memory.estimate_step(preset, backbone, frames, backend=backend),
+    _estimate(benchmark, estimate_records, bench_env, f"estimate {backbone} T{frames}", backbone, preset, frames,
+              backend)
+
+
+def _estimate(benchmark, records, env, group, backbone, preset, frames, backend, options=None):
+    """Estimate one step with vpeft.memory as a benchmark case and collect its record
+    (with ``options``: a recompute-option row, marked by its ``variant``)."""
+    benchmark.group = group
+    rep = benchmark.pedantic(lambda: memory.estimate_step(preset, backbone, frames, backend=backend, options=options),
                              rounds=1, iterations=1, warmup_rounds=0)
     rec = rep.summary()
-    rec["env"] = {k: bench_env[k] for k in ("device", "torch", "git_commit", "date_utc", "command")}
+    if options is not None:
+        rec["variant"] = _variant(options) or "preset"
+    rec["env"] = {k: env[k] for k in ("device", "torch", "git_commit", "date_utc", "command")}
     benchmark.extra_info.update({k: rec.get(k) for k in ("batch", "peak_allocated_gb", "saved_bytes", "flops")})
-    estimate_records.append(rec)
+    records.append(rec)
     assert rep.peak_allocated_bytes >= rep.categories["weights"] > 0
 
 
@@ -192,12 +201,5 @@ def _option_cases():
 @pytest.mark.parametrize("backbone,preset,frames,options,backend", list(_option_cases()))
 def test_estimated_option_step(benchmark, estimate_records, bench_env, backbone, preset, frames, options, backend):
     """A paper-sized step with a recompute option over the preset's, estimated on fake tensors (any machine)."""
-    benchmark.group = f"estimate {backbone} T{frames} options"
-    rep = benchmark.pedantic(lambda: memory.estimate_step(preset, backbone, frames, backend=backend, options=options),
-                             rounds=1, iterations=1, warmup_rounds=0)
-    rec = rep.summary()
-    rec["variant"] = _variant(options) or "preset"
-    rec["env"] = {k: bench_env[k] for k in ("device", "torch", "git_commit", "date_utc", "command")}
-    benchmark.extra_info.update({k: rec.get(k) for k in ("batch", "peak_allocated_gb", "saved_bytes", "flops")})
-    estimate_records.append(rec)
-    assert rep.peak_allocated_bytes >= rep.categories["weights"] > 0
+    _estimate(benchmark, estimate_records, bench_env, f"estimate {backbone} T{frames} options", backbone, preset,
+              frames, backend, options)

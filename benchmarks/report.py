@@ -308,6 +308,16 @@ def _opts(r: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in o.items()) or "-"
 
 
+def _rec_gb(r: Optional[dict], key: str) -> str:
+    """``r[key]`` bytes as GB with two decimals, or ``-`` without a record."""
+    return "-" if r is None else f"{r[key] / 1e9:.2f}"
+
+
+def _took(*recs: Optional[dict]) -> str:
+    """How long each present estimate took, ``eager / fused``."""
+    return " / ".join(f"{r['seconds']:.0f} s" for r in recs if r is not None)
+
+
 def _base(recs: Iterable[dict]) -> List[dict]:
     """The preset rows of the estimate records (not the recompute-option variants)."""
     return [r for r in recs if not r.get("variant")]
@@ -332,7 +342,6 @@ def estimates_markdown(data: dict, root: Path = RESULTS) -> List[str]:
         side = ""
         if method.startswith("side4video") and any_r.get("options"):
             side = f" {any_r['options'].get('side_layers')}x{any_r['options'].get('side_width')}"
-        gb = lambda r, k: "-" if r is None else f"{r[k] / 1e9:.2f}"  # noqa: E731
         flops = next((r.get("flops") for r in (e, f) if r and r.get("flops")), None)
         paper = PAPER_MEMORY_GB.get((bb, method))
         meas = []
@@ -340,10 +349,10 @@ def estimates_markdown(data: dict, root: Path = RESULTS) -> List[str]:
             if r is not None:
                 for dev, m in _measured(root, bb, method, frames, r["backend"], r["batch"]):
                     meas.append(f"{r['backend']} {m:.2f} GB on {dev} ({m * 1e9 / r['peak_allocated_bytes']:.2f})")
-        took = " / ".join(f"{r['seconds']:.0f} s" for r in (e, f) if r is not None)
+        took = _took(e, f)
         lines.append(f"| {METHOD_NAMES.get(method, method)}{side} | {bb} | {any_r['batch']} | {_opts(any_r)} | "
-                     f"{gb(e, 'peak_allocated_bytes')} / {gb(f, 'peak_allocated_bytes')} | "
-                     f"{gb(e, 'saved_bytes')} / {gb(f, 'saved_bytes')} | "
+                     f"{_rec_gb(e, 'peak_allocated_bytes')} / {_rec_gb(f, 'peak_allocated_bytes')} | "
+                     f"{_rec_gb(e, 'saved_bytes')} / {_rec_gb(f, 'saved_bytes')} | "
                      f"{'' if flops is None else f'{flops / 1e12:.1f}'} | {'' if paper is None else f'{paper} GB'} | "
                      f"{'; '.join(meas) or 'none yet'} | {took} |")
     return lines
@@ -364,18 +373,17 @@ def options_markdown(data: dict) -> List[str]:
         e, f = (_find(recs, bb, method, frames, b, variant) for b in ("eager", "fused"))
         base_e, base_f = (_find(data["records"], bb, method, frames, b) for b in ("eager", "fused"))
         any_r = e or f
-        gb = lambda r, k: "-" if r is None else f"{r[k] / 1e9:.2f}"  # noqa: E731
         ratio = "-"
         for r, b in ((e, base_e), (f, base_f)):
             if r and b and r.get("flops") and b.get("flops") and r["batch"] == b["batch"]:
                 ratio = f"{r['flops'] / b['flops']:.2f}x"
                 break
-        took = " / ".join(f"{r['seconds']:.0f} s" for r in (e, f) if r is not None)
+        took = _took(e, f)
         lines.append(f"| {METHOD_NAMES.get(method, method)} | {bb} | {frames} | {any_r['batch']} | "
                      f"{variant if variant != 'preset' else '(the preset at this size)'} | "
-                     f"{gb(e, 'peak_allocated_bytes')} / {gb(f, 'peak_allocated_bytes')} | "
-                     f"{gb(e, 'saved_bytes')} / {gb(f, 'saved_bytes')} | "
-                     f"{gb(base_e, 'peak_allocated_bytes')} / {gb(base_f, 'peak_allocated_bytes')} | {ratio} | {took} |")
+                     f"{_rec_gb(e, 'peak_allocated_bytes')} / {_rec_gb(f, 'peak_allocated_bytes')} | "
+                     f"{_rec_gb(e, 'saved_bytes')} / {_rec_gb(f, 'saved_bytes')} | "
+                     f"{_rec_gb(base_e, 'peak_allocated_bytes')} / {_rec_gb(base_f, 'peak_allocated_bytes')} | {ratio} | {took} |")
     return lines
 
 
