@@ -59,20 +59,27 @@ def _key(r: dict) -> tuple:
     return (r["backbone"], r["method"], str(r["frames"]), r["backend"], str(r["batch"]), str(r.get("budget_gb")))
 
 
-@pytest.fixture(scope="module")
-def e2e_records(bench_env):
-    """Collects this module's records; writes JSON, Markdown and PNG once all cases ran."""
+def _collect(slug, file_name: str, key, header: dict, write, what: str):
+    """A module fixture's body: yields the list the cases append to; once all ran (and only if
+    any did), merges it into ``results/<slug>/file_name`` by ``key`` (slug None: this device)
+    and lets ``write(data, directory)`` render it."""
     records = []
     yield records
     if not records:
         return
-    directory = common.results_dir()
+    directory = common.results_dir(slug)
+    data = common.merge_records(directory / file_name, records, key, header)
+    write(data, directory)
+    print(f"\n{what}: {len(records)} case(s) written to {directory}")
+
+
+@pytest.fixture(scope="module")
+def e2e_records(bench_env):
+    """Collects this module's records; writes JSON, Markdown and PNG once all cases ran."""
     header = {"suite": "vpeft end-to-end training step (benchmarks/bench_e2e.py)", "env": bench_env}
     if bench_env["device_type"] == "cpu":
         header["label"] = "CPU, tiny random backbones: not comparable to GPU results or the papers"
-    data = common.merge_records(directory / report.FILE, records, _key, header)
-    report.write_device(data, directory)
-    print(f"\nvpeft e2e: {len(records)} case(s) written to {directory}/{{e2e.json,e2e.md,e2e.png}}")
+    yield from _collect(None, report.FILE, _key, header, report.write_device, "vpeft e2e")
 
 
 @pytest.mark.parametrize("backbone,preset,frames,backend", list(_cases()))
@@ -152,16 +159,10 @@ def _estimate_key(r: dict) -> tuple:
 @pytest.fixture(scope="module")
 def estimate_records(bench_env):
     """Collects the paper-sized estimates; writes them to results/estimate/ once all ran."""
-    records = []
-    yield records
-    if not records:
-        return
-    directory = common.results_dir(report.ESTIMATE_DIR)
     header = {"suite": "vpeft estimated training step (benchmarks/bench_e2e.py::test_estimated_step)",
               "label": report.ESTIMATE_LABEL, "env": bench_env}
-    data = common.merge_records(directory / report.ESTIMATE_FILE, records, _estimate_key, header)
-    report.write_estimates(data, directory)
-    print(f"\nvpeft estimates: {len(records)} case(s) written to {directory}")
+    yield from _collect(report.ESTIMATE_DIR, report.ESTIMATE_FILE, _estimate_key, header,
+                        report.write_estimates, "vpeft estimates")
 
 
 @pytest.mark.parametrize("backbone,preset,frames,backend", list(_estimate_cases()))

@@ -313,6 +313,11 @@ def _rec_gb(r: Optional[dict], key: str) -> str:
     return "-" if r is None else f"{r[key] / 1e9:.2f}"
 
 
+def _pair(eager: Optional[dict], fused: Optional[dict], key: str) -> str:
+    """The ``eager / fused`` cell of ``key`` in GB."""
+    return f"{_rec_gb(eager, key)} / {_rec_gb(fused, key)}"
+
+
 def _took(*recs: Optional[dict]) -> str:
     """How long each present estimate took, ``eager / fused``."""
     return " / ".join(f"{r['seconds']:.0f} s" for r in recs if r is not None)
@@ -349,12 +354,11 @@ def estimates_markdown(data: dict, root: Path = RESULTS) -> List[str]:
             if r is not None:
                 for dev, m in _measured(root, bb, method, frames, r["backend"], r["batch"]):
                     meas.append(f"{r['backend']} {m:.2f} GB on {dev} ({m * 1e9 / r['peak_allocated_bytes']:.2f})")
-        took = _took(e, f)
         lines.append(f"| {METHOD_NAMES.get(method, method)}{side} | {bb} | {any_r['batch']} | {_opts(any_r)} | "
-                     f"{_rec_gb(e, 'peak_allocated_bytes')} / {_rec_gb(f, 'peak_allocated_bytes')} | "
-                     f"{_rec_gb(e, 'saved_bytes')} / {_rec_gb(f, 'saved_bytes')} | "
+                     f"{_pair(e, f, 'peak_allocated_bytes')} | "
+                     f"{_pair(e, f, 'saved_bytes')} | "
                      f"{'' if flops is None else f'{flops / 1e12:.1f}'} | {'' if paper is None else f'{paper} GB'} | "
-                     f"{'; '.join(meas) or 'none yet'} | {took} |")
+                     f"{'; '.join(meas) or 'none yet'} | {_took(e, f)} |")
     return lines
 
 
@@ -378,12 +382,11 @@ def options_markdown(data: dict) -> List[str]:
             if r and b and r.get("flops") and b.get("flops") and r["batch"] == b["batch"]:
                 ratio = f"{r['flops'] / b['flops']:.2f}x"
                 break
-        took = _took(e, f)
         lines.append(f"| {METHOD_NAMES.get(method, method)} | {bb} | {frames} | {any_r['batch']} | "
                      f"{variant if variant != 'preset' else '(the preset at this size)'} | "
-                     f"{_rec_gb(e, 'peak_allocated_bytes')} / {_rec_gb(f, 'peak_allocated_bytes')} | "
-                     f"{_rec_gb(e, 'saved_bytes')} / {_rec_gb(f, 'saved_bytes')} | "
-                     f"{_rec_gb(base_e, 'peak_allocated_bytes')} / {_rec_gb(base_f, 'peak_allocated_bytes')} | {ratio} | {took} |")
+                     f"{_pair(e, f, 'peak_allocated_bytes')} | "
+                     f"{_pair(e, f, 'saved_bytes')} | "
+                     f"{_pair(base_e, base_f, 'peak_allocated_bytes')} | {ratio} | {_took(e, f)} |")
     return lines
 
 
